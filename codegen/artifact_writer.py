@@ -1,0 +1,197 @@
+"""Write a compiled artifact directory atomically (the format is `llmopt.runtime.manifest`).
+
+Everything is written into a hidden sibling `.<name>.tmp-<pid>`, hashed, described by
+`manifest.json` (written last), fsynced, and then renamed to the output path, so a reader never
+sees a half-written artifact at that path. On any error the temporary directory is removed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from .. import __version__
+from ..runtime.errors import ArtifactError
+from ..runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, WeightInfo, sha256_file
+
+DEFAULT_LIBRARY = "model.so"
+DEFAULT_TOKENIZER = "tokenizer.json"
+IR_FILE = "model.ir"
+WEIGHTS_DIR = "weights"
+MAX_SHARD_BYTES = 1 << 30
+
+_COMPUTED = ("format_version", "llmopt_version", "weights", "files")
+
+
+def write_artifact(
+    out_dir: str | Path,
+    *,
+    executable: Any,
+    weights: Iterable[tuple[str, np.ndarray]],
+    tokenizer_json_path: str | Path,
+    ir_text: str,
+    manifest_fields: dict[str, Any],
+    overwrite: bool = False,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> Manifest:
+    """Write an artifact to `out_dir` and return its manifest.
+
+    `executable` is anything with `export_library(path)` (a Relax executable); it is exported
+    under `manifest_fields["library"]` (default `model.so`). `weights` yields (IR name, array)
+    pairs lazily, in the order the library takes them; they are written to safetensors shards of
+    at most `max_shard_bytes` (a larger single tensor gets a shard of its own), holding at most
+    one shard in memory. `manifest_fields` gives every manifest field except the computed ones
+    (format_version, llmopt_version, weights, files); `tokenizer.file` defaults to
+    `tokenizer.json`. An existing `out_dir` is an error unless `overwrite`, in which case it is
+    replaced only once the new artifact is complete.
+    """
+    out = Path(out_dir).absolute()
+    if os.path.lexists(out) and not overwrite:
+        raise _exists_error(out)
+    fields = _check_fields(manifest_fields)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    _remove(tmp)  # left over by a crashed run that had the same pid
+    try:
+        tmp.mkdir()
+        executable.export_library(str(tmp / fields["library"]))
+        infos = _write_shards(tmp, weights, max_shard_bytes)
+        shutil.copyfile(tokenizer_json_path, tmp / fields["tokenizer"]["file"])
+        (tmp / IR_FILE).write_text(ir_text, encoding="utf-8")
+        manifest = Manifest.from_dict(
+            {
+                **fields,
+                "format_version": FORMAT_VERSION,
+                "llmopt_version": __version__,
+                "weights": [dataclasses.asdict(info) for info in infos],
+                "files": _hash_tree(tmp),
+            },
+            source="manifest_fields",
+        )
+        (tmp / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+        _fsync_tree(tmp)
+        _move_into_place(tmp, out, overwrite)
+    except BaseException:
+        _remove(tmp)
+        raise
+    return manifest
+
+
+def _exists_error(out: Path) -> ArtifactError:
+    return ArtifactError(
+        f"output path {out} already exists",
+        hint="pass --force to replace it, or choose another output path",
+        path=out,
+    )
+
+
+def _check_fields(manifest_fields: dict[str, Any]) -> dict[str, Any]:
+    """Copy of the caller's fields with defaults filled in; ValueError on wrong keys."""
+    clashing = [k for k in _COMPUTED if k in manifest_fields]
+    if clashing:
+        raise ValueError(f"manifest_fields must not set computed field(s): {', '.join(clashing)}")
+    required = {f.name for f in dataclasses.fields(Manifest)} - set(_COMPUTED) - {"library"}
+    missing = sorted(required - manifest_fields.keys())
+    if missing:
+        raise ValueError(f"manifest_fields lacks field(s): {', '.join(missing)}")
+    fields = {"library": DEFAULT_LIBRARY, **manifest_fields}
+    fields["tokenizer"] = {"file": DEFAULT_TOKENIZER, **manifest_fields["tokenizer"]}
+    return fields
+
+
+def _write_shards(
+    root: Path, weights: Iterable[tuple[str, np.ndarray]], max_shard_bytes: int
+) -> list[WeightInfo]:
+    """Write weights shard by shard; return their manifest entries in the order produced."""
+    (root / WEIGHTS_DIR).mkdir()
+    shards: list[list[tuple[str, tuple[int, ...], str]]] = []
+    pending: dict[str, np.ndarray] = {}
+    pending_bytes = 0
+
+    def flush() -> None:
+        save_file(pending, str(root / WEIGHTS_DIR / f"shard-{len(shards)}.partial"))
+        shards.append([(n, tuple(a.shape), str(a.dtype)) for n, a in pending.items()])
+        pending.clear()
+
+    seen: set[str] = set()
+    for name, array in weights:
+        if name in seen:
+            raise ValueError(f"weight {name!r} was produced twice")
+        seen.add(name)
+        array = np.ascontiguousarray(array)
+        if pending and pending_bytes + array.nbytes > max_shard_bytes:
+            flush()
+            pending_bytes = 0
+        pending[name] = array
+        pending_bytes += array.nbytes
+    if pending:
+        flush()
+
+    infos = []
+    for i, entries in enumerate(shards):
+        rel = f"{WEIGHTS_DIR}/weights-{i:05d}-of-{len(shards):05d}.safetensors"
+        os.rename(root / WEIGHTS_DIR / f"shard-{i}.partial", root / rel)
+        infos += [WeightInfo(name, shape, dtype, rel) for name, shape, dtype in entries]
+    return infos
+
+
+def _hash_tree(root: Path) -> dict[str, str]:
+    """sha256 of every file under `root` except the manifest, keyed by POSIX relative path."""
+    return {
+        path.relative_to(root).as_posix(): sha256_file(path)
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and path.relative_to(root).as_posix() != MANIFEST_NAME
+    }
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and directory under `root` (and `root` itself) to disk."""
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        elif path.is_dir():
+            _fsync_dir(path)
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished `tmp` to `out`; with `overwrite`, swap out an existing `out`."""
+    if os.path.lexists(out):
+        if not overwrite:
+            raise _exists_error(out)  # it appeared while we were writing
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        _remove(old)
+        os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(old, out)
+            raise
+        _remove(old)
+    else:
+        os.rename(tmp, out)
+    _fsync_dir(out.parent)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or directory tree if it exists."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()

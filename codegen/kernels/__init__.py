@@ -1,0 +1,1 @@
+"""llmopt.codegen.kernels."""

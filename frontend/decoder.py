@@ -1,0 +1,172 @@
+"""Llama-family decoders described as data, and the one graph builder they all share.
+
+Llama, Mistral, Qwen2 and SmolLM differ only in values: sizes, RoPE base and scaling, which
+projections carry a bias, whether the LM head is tied to the embedding. ``DecoderSpec`` holds
+those values; ``build_module`` emits the IR for any of them. Weight names follow the Hugging Face
+layout (``model.layers.{i}.self_attn.q_proj.weight``), which the GGUF frontend maps onto.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from ..ir.graph import Builder, Function, Module
+from ..ir.types import TensorType
+from ..ir.weights import WeightStore
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict = field(default_factory=dict)  # rope attrs beyond theta (see ir/rope.py)
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    max_position_embeddings: int = 2048
+    architecture: str = "LlamaForCausalLM"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+LAYER = "model.layers.{i}."
+WEIGHT_NAMES = {
+    "embed": "model.embed_tokens.weight",
+    "final_norm": "model.norm.weight",
+    "lm_head": "lm_head.weight",
+    "attn_norm": LAYER + "input_layernorm.weight",
+    "mlp_norm": LAYER + "post_attention_layernorm.weight",
+    "q": LAYER + "self_attn.q_proj",
+    "k": LAYER + "self_attn.k_proj",
+    "v": LAYER + "self_attn.v_proj",
+    "o": LAYER + "self_attn.o_proj",
+    "gate": LAYER + "mlp.gate_proj",
+    "up": LAYER + "mlp.up_proj",
+    "down": LAYER + "mlp.down_proj",
+}
+
+
+def expected_weights(spec: DecoderSpec) -> dict[str, tuple[int, ...]]:
+    """Every weight the spec needs, with its shape (what a checkpoint must provide)."""
+    h, d, kvd = spec.hidden_size, spec.head_dim, spec.num_kv_heads * spec.head_dim
+    qd, ffn = spec.num_heads * spec.head_dim, spec.intermediate_size
+    shapes = {WEIGHT_NAMES["embed"]: (spec.vocab_size, h), WEIGHT_NAMES["final_norm"]: (h,)}
+    if not spec.tie_word_embeddings:
+        shapes[WEIGHT_NAMES["lm_head"]] = (spec.vocab_size, h)
+    linears = {"q": (qd, h, spec.qkv_bias), "k": (kvd, h, spec.qkv_bias), "v": (kvd, h, spec.qkv_bias),
+               "o": (h, qd, spec.o_bias), "gate": (ffn, h, spec.mlp_bias), "up": (ffn, h, spec.mlp_bias),
+               "down": (h, ffn, spec.mlp_bias)}
+    for i in range(spec.num_layers):
+        shapes[WEIGHT_NAMES["attn_norm"].format(i=i)] = (h,)
+        shapes[WEIGHT_NAMES["mlp_norm"].format(i=i)] = (h,)
+        for role, (out_f, in_f, bias) in linears.items():
+            prefix = WEIGHT_NAMES[role].format(i=i)
+            shapes[prefix + ".weight"] = (out_f, in_f)
+            if bias:
+                shapes[prefix + ".bias"] = (out_f,)
+    return shapes
+
+
+class _DecoderEmitter:
+    """Emits one entry point. ``with_past``: take the KV cache as inputs (decode)."""
+
+    def __init__(self, spec: DecoderSpec, weights: WeightStore, builder: Builder):
+        self.spec, self.weights, self.b = spec, weights, builder
+
+    def weight(self, name: str) -> str:
+        return self.b.weight(name, self.weights.type(name))
+
+    def linear(self, x: str, prefix: str, bias: bool) -> str:
+        with self.b.at(source=prefix):
+            args = [x, self.weight(prefix + ".weight")] + ([self.weight(prefix + ".bias")] if bias else [])
+            return self.b.add("linear", *args)
+
+    def heads(self, x: str, seq, count: int, source: str) -> str:
+        with self.b.at(source=source):
+            return self.b.add("reshape", x, shape=(1, seq, count, self.spec.head_dim))
+
+    def rms_norm(self, x: str, weight_name: str) -> str:
+        with self.b.at(source=weight_name.rsplit(".", 1)[0]):
+            return self.b.add("rms_norm", x, self.weight(weight_name), eps=self.spec.rms_norm_eps)
+
+    def attention(self, x: str, i: int, seq, pos: str, past: tuple[str, str] | None):
+        s, b = self.spec, self.b
+        names = {r: WEIGHT_NAMES[r].format(i=i) for r in ("q", "k", "v", "o")}
+        q = self.heads(self.linear(x, names["q"], s.qkv_bias), seq, s.num_heads, names["q"])
+        k = self.heads(self.linear(x, names["k"], s.qkv_bias), seq, s.num_kv_heads, names["k"])
+        v = self.heads(self.linear(x, names["v"], s.qkv_bias), seq, s.num_kv_heads, names["v"])
+        attn = LAYER.format(i=i) + "self_attn"
+        with b.at(source=attn):
+            q = b.add("rope", q, pos, theta=s.rope_theta, **s.rope_scaling)
+            k = b.add("rope", k, pos, theta=s.rope_theta, **s.rope_scaling)
+            if past is not None:
+                k = b.add("concat", past[0], k, axis=1)
+                v = b.add("concat", past[1], v, axis=1)
+            out = b.add("attention", q, k, v, scale=1.0 / math.sqrt(s.head_dim), causal=True)
+            out = b.add("reshape", out, shape=(1, seq, s.num_heads * s.head_dim))
+        return self.linear(out, names["o"], s.o_bias), k, v
+
+    def mlp(self, x: str, i: int) -> str:
+        s, b = self.spec, self.b
+        gate = self.linear(x, WEIGHT_NAMES["gate"].format(i=i), s.mlp_bias)
+        up = self.linear(x, WEIGHT_NAMES["up"].format(i=i), s.mlp_bias)
+        with b.at(source=LAYER.format(i=i) + "mlp"):
+            act = b.add("mul", b.add("silu", gate), up)
+        return self.linear(act, WEIGHT_NAMES["down"].format(i=i), s.mlp_bias)
+
+    def emit(self, with_past: bool) -> Function:
+        s, b = self.spec, self.b
+        seq = 1 if with_past else "seq"
+        ids = b.param("ids", TensorType("i32", (1, seq)))
+        pos = b.param("pos", TensorType("i32", (seq,)))
+        past = []
+        for i in range(s.num_layers if with_past else 0):
+            cache_type = TensorType("f32", (1, "past", s.num_kv_heads, s.head_dim))
+            past.append((b.param(f"k.{i}", cache_type), b.param(f"v.{i}", cache_type)))
+        with b.at(source="model.embed_tokens"):
+            h = b.add("embedding", ids, self.weight(WEIGHT_NAMES["embed"]))
+        caches = []
+        for i in range(s.num_layers):
+            x = self.rms_norm(h, WEIGHT_NAMES["attn_norm"].format(i=i))
+            attn, k, v = self.attention(x, i, seq, pos, past[i] if with_past else None)
+            with b.at(source=LAYER.format(i=i).rstrip(".")):
+                h = b.add("add", h, attn)
+            x = self.rms_norm(h, WEIGHT_NAMES["mlp_norm"].format(i=i))
+            mlp = self.mlp(x, i)
+            with b.at(source=LAYER.format(i=i).rstrip(".")):
+                h = b.add("add", h, mlp)
+            caches.append((k, v))
+        h = self.rms_norm(h, WEIGHT_NAMES["final_norm"])
+        head = WEIGHT_NAMES["embed" if s.tie_word_embeddings else "lm_head"]
+        with b.at(source="lm_head"):
+            logits = b.add("linear", h, self.weight(head))
+        b.output("logits", logits)
+        for i, (k, v) in enumerate(caches):
+            b.output(f"k.{i}", k)
+            b.output(f"v.{i}", v)
+        return b.finish()
+
+
+def build_module(spec: DecoderSpec, weights: WeightStore, meta: dict | None = None) -> Module:
+    """The IR of a decoder: ``prefill(ids, pos)`` and ``decode(ids, pos, k.*, v.*)``.
+
+    Both return ``logits`` and the KV cache (``k.i``/``v.i``: f32[1, tokens so far, kv_heads,
+    head_dim]); decode's cache is the one it was given plus the new token.
+    """
+    functions = {name: _DecoderEmitter(spec, weights, Builder(name, created_by="")).emit(with_past)
+                 for name, with_past in (("prefill", False), ("decode", True))}
+    info = {"decoder": spec.to_json(),
+            "kv_cache": {"layers": spec.num_layers, "kv_heads": spec.num_kv_heads,
+                         "head_dim": spec.head_dim, "dtype": "f32"}}
+    info.update(meta or {})
+    return Module(functions, weights, info)
