@@ -1,0 +1,190 @@
+"""How each IR op becomes Relax: one small function per op, in one table.
+
+A lowering gets the ``LoweringContext`` (block builder, symbolic dims, target), the node and its
+lowered inputs, and returns the Relax expression of the result. Ops with no good Relax op (rope,
+the causal mask) are written as TE computes; ``linear`` goes through the target's kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import tvm
+from tvm import relax, te, tirx
+
+from ..ir.graph import Node
+from ..ir.rope import rope_attrs_inv_freq
+from ..ir.types import TVM_DTYPES, Dim, dim_symbols
+
+
+@dataclass
+class LoweringContext:
+    bb: relax.BlockBuilder
+    symbols: dict[str, tirx.Var]
+    emit_linear: Callable  # (bb, x, w, bias) -> relax.Expr
+    types: dict  # IR value name -> TensorType, for lowerings that need their inputs' types
+
+    def dim(self, dim: Dim):
+        """An IR dim as a TIR expression (ints stay ints)."""
+        if isinstance(dim, int):
+            return dim
+        expr = 0
+        for term in str(dim).split("+"):
+            term = term.strip()
+            expr = expr + (int(term) if term.lstrip("-").isdigit() else self.symbol(term))
+        return expr
+
+    def symbol(self, name: str) -> tirx.Var:
+        if name not in self.symbols:
+            self.symbols[name] = tirx.Var(name, "int64")
+        return self.symbols[name]
+
+
+Lowering = Callable[[LoweringContext, Node, list], relax.Expr]
+LOWERINGS: dict[str, Lowering] = {}
+
+
+def lowers(*ops: str):
+    def register(fn: Lowering) -> Lowering:
+        for op in ops:
+            LOWERINGS[op] = fn
+        return fn
+    return register
+
+
+_BINARY = {"add": relax.op.add, "sub": relax.op.subtract, "mul": relax.op.multiply,
+           "div": relax.op.divide, "maximum": relax.op.maximum, "minimum": relax.op.minimum}
+_UNARY = {"neg": relax.op.negative, "exp": relax.op.exp, "sqrt": relax.op.sqrt, "rsqrt": relax.op.rsqrt,
+          "tanh": relax.op.tanh, "sin": relax.op.sin, "cos": relax.op.cos, "sigmoid": relax.op.sigmoid,
+          "silu": relax.op.nn.silu, "relu": relax.op.nn.relu}
+
+for _name, _fn in _BINARY.items():
+    LOWERINGS[_name] = lambda ctx, node, args, fn=_fn: fn(args[0], args[1])
+for _name, _fn in _UNARY.items():
+    LOWERINGS[_name] = lambda ctx, node, args, fn=_fn: fn(args[0])
+
+
+@lowers("gelu")
+def _gelu(ctx, node, args):
+    return relax.op.nn.gelu_tanh(args[0]) if node.attr.get("approximate") == "tanh" else relax.op.nn.gelu(args[0])
+
+
+@lowers("pow")
+def _pow(ctx, node, args):
+    return relax.op.power(args[0], relax.const(node.attr["exponent"], TVM_DTYPES[node.type.dtype]))
+
+
+@lowers("constant")
+def _constant(ctx, node, args):
+    return relax.const(node.attr["value"], TVM_DTYPES[node.attr["dtype"]])
+
+
+@lowers("cast")
+def _cast(ctx, node, args):
+    return relax.op.astype(args[0], TVM_DTYPES[node.attr["dtype"]])
+
+
+@lowers("sum", "mean", "max")
+def _reduce(ctx, node, args):
+    fn = {"sum": relax.op.sum, "mean": relax.op.mean, "max": relax.op.max}[node.op]
+    return fn(args[0], axis=list(node.attr["axes"]), keepdims=node.attr.get("keepdims", False))
+
+
+@lowers("softmax")
+def _softmax(ctx, node, args):
+    return relax.op.nn.softmax(args[0], axis=node.attr["axis"])
+
+
+@lowers("reshape")
+def _reshape(ctx, node, args):
+    return relax.op.reshape(args[0], [ctx.dim(d) for d in node.attr["shape"]])
+
+
+@lowers("transpose")
+def _transpose(ctx, node, args):
+    return relax.op.permute_dims(args[0], list(node.attr["perm"]))
+
+
+@lowers("concat")
+def _concat(ctx, node, args):
+    return relax.op.concat(args, axis=node.attr["axis"])
+
+
+@lowers("slice")
+def _slice(ctx, node, args):
+    a = node.attr
+    return relax.op.strided_slice(args[0], axes=[a["axis"]], begin=[a["start"]], end=[a["end"]])
+
+
+@lowers("matmul")
+def _matmul(ctx, node, args):
+    return relax.op.matmul(args[0], args[1])
+
+
+@lowers("embedding")
+def _embedding(ctx, node, args):
+    return relax.op.take(args[1], args[0], axis=0, mode="clip")
+
+
+@lowers("rms_norm")
+def _rms_norm(ctx, node, args):
+    return relax.op.nn.rms_norm(args[0], args[1], axes=[-1], epsilon=node.attr["eps"])
+
+
+@lowers("linear")
+def _linear(ctx, node, args):
+    return ctx.emit_linear(ctx.bb, args[0], args[1], args[2] if len(args) == 3 else None)
+
+
+def _rope_te(x: te.Tensor, pos: te.Tensor, inv_freq: te.Tensor):
+    half = x.shape[-1] // 2
+
+    def value(b, s, h, d):
+        angle = tirx.Cast("float32", pos[s]) * inv_freq[tirx.floormod(d, half)]
+        rotated = tirx.Select(d < half, -x[b, s, h, tirx.min(d + half, x.shape[-1] - 1)],
+                              x[b, s, h, tirx.max(d - half, 0)])
+        return x[b, s, h, d] * tirx.cos(angle) + rotated * tirx.sin(angle)
+
+    return te.compute(x.shape, value, name="rope")
+
+
+@lowers("rope")
+def _rope(ctx, node, args):
+    head_dim = node.type.shape[-1]
+    inv_freq = relax.const(rope_attrs_inv_freq(head_dim, node.attr).astype(np.float32))
+    return ctx.bb.emit_te(_rope_te, args[0], args[1], inv_freq, primfunc_name_hint="rope")
+
+
+def _causal_mask_te(scores: te.Tensor):
+    """Additive mask for [b, heads, s, t] scores: queries sit at the end of the keys."""
+    s, t = scores.shape[2], scores.shape[3]
+    return te.compute(scores.shape, lambda b, h, i, j: tirx.Select(
+        j > i + (t - s), scores[b, h, i, j] + tirx.const(-1e30, "float32"), scores[b, h, i, j]),
+        name="causal_mask")
+
+
+@lowers("attention")
+def _attention(ctx, node, args):
+    bb = ctx.bb
+    q, k, v = args
+    heads, kv_heads = node.type.shape[2], ctx.types[node.inputs[1]].shape[2]
+    if heads != kv_heads:
+        k = bb.emit(relax.op.repeat(k, heads // kv_heads, axis=2))
+        v = bb.emit(relax.op.repeat(v, heads // kv_heads, axis=2))
+    qh = bb.emit(relax.op.permute_dims(q, [0, 2, 1, 3]))
+    kt = bb.emit(relax.op.permute_dims(k, [0, 2, 3, 1]))
+    vh = bb.emit(relax.op.permute_dims(v, [0, 2, 1, 3]))
+    scores = bb.emit(relax.op.multiply(relax.op.matmul(qh, kt), relax.const(node.attr["scale"], "float32")))
+    if node.attr.get("causal", True):
+        scores = bb.emit_te(_causal_mask_te, scores, primfunc_name_hint="causal_mask")
+    probs = bb.emit(relax.op.nn.softmax(scores, axis=-1))
+    return relax.op.permute_dims(relax.op.matmul(probs, vh), [0, 2, 1, 3])
+
+
+def unsupported(node: Node) -> str:
+    return f"op {node.op!r} (from {node.source or 'unknown source'}) has no lowering to TVM"
+
+
+__all__ = ["LOWERINGS", "LoweringContext", "unsupported", "dim_symbols", "tvm"]

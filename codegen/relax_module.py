@@ -1,0 +1,62 @@
+"""IR module -> TVM Relax IRModule: one Relax function per IR function, weights as trailing params.
+
+Calling convention (what the runtime relies on): every function takes its IR params in order,
+then every weight of the module in ``weight_order(module)``; it returns a tuple of its outputs in
+order. Symbolic dims become shared ``int64`` TIR vars per function.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import tvm
+from tvm import relax
+
+from ..errors import LLMOptError
+from ..ir.graph import Function, Module
+from ..ir.types import TVM_DTYPES, TensorType
+from .lower_ops import LOWERINGS, LoweringContext, unsupported
+
+
+def default_emit_linear(bb: relax.BlockBuilder, x, w, bias):
+    """Plain Relax linear: correct everywhere, scheduled by nothing (targets supply better kernels)."""
+    return relax.op.linear(x, w, bias)
+
+
+def weight_order(module: Module) -> list[str]:
+    return module.weight_names()
+
+
+def _tensor_type(ctx: LoweringContext, type: TensorType) -> relax.TensorType:
+    return relax.TensorType([ctx.dim(d) for d in type.shape], TVM_DTYPES[type.dtype])
+
+
+def _lower_function(bb: relax.BlockBuilder, func: Function, weights: list[tuple[str, TensorType]],
+                    emit_linear: Callable) -> None:
+    ctx = LoweringContext(bb, {}, emit_linear, func.types())
+    inputs = [relax.Var(p.name, _tensor_type(ctx, p.type)) for p in func.params]
+    weight_vars = {name: relax.Var(name.replace(".", "_"), _tensor_type(ctx, t)) for name, t in weights}
+    with bb.function(func.name, inputs + list(weight_vars.values()), attrs={"num_input": len(inputs)}):
+        with bb.dataflow():
+            values = {p.name: var for p, var in zip(func.params, inputs)}
+            for node in func.nodes:
+                if node.op == "weight":
+                    values[node.name] = weight_vars[node.attr["name"]]
+                    continue
+                lower = LOWERINGS.get(node.op)
+                if lower is None:
+                    raise LLMOptError(f"codegen: {unsupported(node)}.",
+                                      "Add a lowering in codegen/lower_ops.py, or a pass that rewrites the op.")
+                expr = lower(ctx, node, [values[i] for i in node.inputs])
+                values[node.name] = bb.emit(expr) if not isinstance(expr, relax.Var) else expr
+            result = bb.emit_output(relax.Tuple([values[v] for _, v in func.outputs]))
+        bb.emit_func_output(result)
+
+
+def to_relax(module: Module, emit_linear: Callable = default_emit_linear) -> tvm.IRModule:
+    """The Relax IRModule of ``module`` (see the calling convention above)."""
+    weights = [(name, module.weights.type(name)) for name in weight_order(module)]
+    bb = relax.BlockBuilder()
+    for func in module.functions.values():
+        _lower_function(bb, func, weights, emit_linear)
+    return bb.get()
