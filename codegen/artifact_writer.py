@@ -135,9 +135,11 @@ def _write_shards(
         flush()
 
     infos = []
+    file_mode = root.stat().st_mode & 0o666  # what the umask allows; safetensors writes 0600
     for i, entries in enumerate(shards):
         rel = f"{WEIGHTS_DIR}/weights-{i:05d}-of-{len(shards):05d}.safetensors"
         os.rename(root / WEIGHTS_DIR / f"shard-{i}.partial", root / rel)
+        os.chmod(root / rel, file_mode)
         infos += [WeightInfo(name, shape, dtype, rel) for name, shape, dtype in entries]
     return infos
 

@@ -1,28 +1,14 @@
 """Errors llmopt raises on purpose: each says what is wrong and what to do about it.
 
-`LLMOptError` is the project-wide base (it lives here because the runtime must not import the
-compiler, while the compiler may import this small module). The CLI prints `str(err)`, which
-is the message followed by the hint.
+`LLMOptError` is the project-wide base, in ``llmopt/errors.py`` (a module with no imports, so
+the runtime can use it without the compiler).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-
-class LLMOptError(Exception):
-    """Base of every error llmopt raises deliberately.
-
-    `message` says what is wrong; `hint` says what the user can do about it (may be empty).
-    """
-
-    def __init__(self, message: str, *, hint: str = "") -> None:
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
-
-    def __str__(self) -> str:
-        return f"{self.message}\n  hint: {self.hint}" if self.hint else self.message
+from ..errors import LLMOptError
 
 
 class ArtifactError(LLMOptError):

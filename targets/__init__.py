@@ -1,1 +1,21 @@
-"""llmopt.targets."""
+"""The target registry: ``targets/<name>.py`` defines ``TARGET``; ``get_target(name)`` finds it."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from .base import TargetSpec, UnknownTargetError, check_arch
+
+
+def target_names() -> list[str]:
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name != "base")
+
+
+def get_target(name: str) -> TargetSpec:
+    if name not in target_names():
+        raise UnknownTargetError(f"unknown target {name!r}.", f"Known targets: {', '.join(target_names())}.")
+    return importlib.import_module(f"{__name__}.{name}").TARGET
+
+
+__all__ = ["TargetSpec", "get_target", "target_names", "check_arch", "UnknownTargetError"]

@@ -1,0 +1,237 @@
+"""Load a compiled artifact and run its `prefill` / `decode` entry points.
+
+Calling convention of the library (see `llmopt.runtime.manifest`):
+`prefill(ids i32[1, n], pos i32[n], *weights) -> (logits f32[1, n, vocab], k_0, v_0, ...)` and
+`decode(ids i32[1, 1], pos i32[1], k_0, v_0, ..., *weights) -> (logits f32[1, 1, vocab], k_0', ...)`
+where each k_i / v_i is [1, length, kv_heads, head_dim] and decode returns the cache extended by
+one row. Weights are bound once at load, in the manifest's order.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import safe_open
+
+from ._tvm import import_tvm
+from .errors import ArtifactError
+from .manifest import Manifest, read_manifest, resolve, verify
+from .tokenizer import Tokenizer
+
+_ENTRY_POINTS = ("prefill", "decode")
+# LLVM CPU features that are instruction sets (the others are tuning hints, safe to lack).
+_ISA_PREFIXES = (
+    "sse", "ssse3", "avx", "amx", "fma", "f16c", "bmi", "neon", "sve", "dotprod", "i8mm"
+)
+
+
+@dataclass(frozen=True)
+class KVCache:
+    """The functional KV cache: device tensors (k_0, v_0, k_1, v_1, ...) holding `length` rows.
+
+    Immutable: `CompiledModel.decode` returns a new cache one row longer.
+    """
+
+    tensors: tuple[Any, ...]
+    length: int
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class CompiledModel:
+    """A loaded artifact: the Relax VM, its bound weights, the tokenizer and the manifest."""
+
+    def __init__(
+        self, manifest: Manifest, vm: Any, weights: list[Any], tokenizer: Tokenizer, tvm: Any
+    ) -> None:
+        self.manifest = manifest
+        self.tokenizer = tokenizer
+        self._tvm = tvm
+        self._dev = tvm.cpu()
+        self._prefill = vm["prefill"]
+        self._decode = vm["decode"]
+        self._weights = weights
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The model configuration recorded at build time."""
+        return self.manifest.model
+
+    @property
+    def vocab_size(self) -> int | None:
+        """Vocabulary size from the model config, if it records one."""
+        return self.config.get("vocab_size")
+
+    def prefill(self, ids: np.ndarray) -> tuple[np.ndarray, KVCache]:
+        """Run the prompt `ids` (1-D ints) from position 0: logits [n, vocab] and the cache."""
+        ids = self._check_ids(ids)
+        n = ids.shape[0]
+        pos = np.arange(n, dtype=np.int32)
+        out = self._prefill(self._tensor(ids.reshape(1, n)), self._tensor(pos), *self._weights)
+        return out[0].numpy()[0], self._cache(out, n)
+
+    def decode(self, token_id: int, cache: KVCache) -> tuple[np.ndarray, KVCache]:
+        """Run one token after `cache`: logits [vocab] and the cache one row longer."""
+        if len(cache.tensors) != 2 * self.manifest.kv_cache.layers:
+            raise ValueError(
+                f"cache has {len(cache.tensors)} tensors, this model needs "
+                f"{2 * self.manifest.kv_cache.layers}: pass a cache returned by this model"
+            )
+        ids = self._check_ids([token_id])
+        out = self._decode(
+            self._tensor(ids.reshape(1, 1)),
+            self._tensor(np.array([cache.length], dtype=np.int32)),
+            *cache.tensors,
+            *self._weights,
+        )
+        return out[0].numpy()[0, 0], self._cache(out, cache.length + 1)
+
+    def forward_logits(self, ids: np.ndarray) -> np.ndarray:
+        """Logits [n, vocab] for every position of `ids` (prefill only; for perplexity)."""
+        return self.prefill(ids)[0]
+
+    def _tensor(self, array: np.ndarray) -> Any:
+        return self._tvm.runtime.tensor(array, self._dev)
+
+    def _check_ids(self, ids: Any) -> np.ndarray:
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(
+                f"expected a non-empty 1-D array of token ids, got {ids.dtype}{list(ids.shape)}"
+            )
+        vocab = self.vocab_size
+        if vocab is not None and (ids.min() < 0 or ids.max() >= vocab):
+            raise ValueError(f"token ids must lie in [0, {vocab}), got {ids.min()}..{ids.max()}")
+        return ids.astype(np.int32)
+
+    def _cache(self, out: Any, length: int) -> KVCache:
+        layers = self.manifest.kv_cache.layers
+        if len(out) != 1 + 2 * layers:
+            raise ArtifactError(
+                f"the library returned {len(out)} outputs, the manifest's {layers} layers need "
+                f"{1 + 2 * layers}",
+                hint="the artifact is inconsistent; rebuild it",
+            )
+        return KVCache(tuple(out[i] for i in range(1, len(out))), length)
+
+
+def load(
+    artifact_dir: str | Path, device: str | None = None, *, verify_hashes: bool = True
+) -> CompiledModel:
+    """Load the artifact at `artifact_dir` for `device` (None or "cpu": only CPU runs for now).
+
+    Verifies the manifest and, unless `verify_hashes` is False, the sha256 of every file; checks
+    that this machine can run the target; binds the weights once. Raises ArtifactError otherwise.
+    """
+    artifact_dir = Path(artifact_dir)
+    manifest = verify(artifact_dir) if verify_hashes else read_manifest(artifact_dir)
+    tvm = import_tvm()
+    _check_target(tvm, manifest, device, artifact_dir)
+    missing = [e for e in _ENTRY_POINTS if e not in {p.get("name") for p in manifest.entry_points}]
+    if missing:
+        raise ArtifactError(
+            f"{artifact_dir} has no entry point(s) {', '.join(missing)}",
+            hint="rebuild the artifact with `llmopt build`",
+            path=artifact_dir,
+        )
+    lib_path = resolve(artifact_dir, manifest.library)
+    try:
+        vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(lib_path)), tvm.cpu())
+    except (RuntimeError, AttributeError) as err:
+        raise ArtifactError(
+            f"cannot load the library {lib_path}: {err}",
+            hint="the TVM runtime here may differ from the one that built it; rebuild the artifact",
+            path=lib_path,
+        ) from err
+    tok = manifest.tokenizer
+    tokenizer = Tokenizer(
+        resolve(artifact_dir, tok.file),
+        bos_token_id=tok.bos_token_id,
+        eos_token_ids=tok.eos_token_ids,
+        add_bos=tok.add_bos,
+        chat_template=tok.chat_template,
+    )
+    return CompiledModel(manifest, vm, _load_weights(tvm, artifact_dir, manifest), tokenizer, tvm)
+
+
+def _check_target(tvm: Any, manifest: Manifest, device: str | None, artifact_dir: Path) -> None:
+    """Raise ArtifactError unless this machine can run the artifact's target on `device`."""
+    if device not in (None, "cpu"):
+        raise ArtifactError(
+            f"device {device!r} is not supported: this runtime runs on the CPU only",
+            hint="omit the device or pass 'cpu'",
+        )
+    target = manifest.target
+    tvm_target = target.get("tvm") or {}
+    if target.get("device") != "cpu" or tvm_target.get("kind") != "llvm":
+        raise ArtifactError(
+            f"{artifact_dir} was built for target {target.get('name')!r} "
+            f"(device {target.get('device')!r}); this runtime runs CPU artifacts only",
+            hint="rebuild it with `llmopt build ... --target cpu`",
+            path=artifact_dir,
+        )
+    _check_host_cpu(tvm, tvm_target, artifact_dir)
+
+
+def _check_host_cpu(tvm: Any, tvm_target: dict[str, Any], artifact_dir: Path) -> None:
+    """Raise ArtifactError if the target's architecture or instruction sets are not this CPU's.
+
+    Asks TVM's LLVM for the host CPU; skipped where it cannot tell (a TVM runtime without LLVM,
+    or a host CPU LLVM does not know). Features are LLVM's for the CPU names, not CPUID's.
+    """
+    try:
+        from tvm.target import codegen
+
+        host_cpu = codegen.llvm_get_system_cpu()
+        host_arch = codegen.llvm_get_system_triple().split("-")[0]
+        arch = tvm_target.get("mtriple", host_arch).split("-")[0]
+        missing = []
+        mcpu = tvm_target.get("mcpu")
+        if arch == host_arch and mcpu and mcpu != host_cpu and host_cpu != "generic":
+            host = tvm.target.Target({**tvm_target, "mcpu": host_cpu})
+            have = set(codegen.llvm_get_cpu_features(host))
+            need = set(codegen.llvm_get_cpu_features(tvm.target.Target(tvm_target)))
+            missing = sorted(f for f in need - have if f.startswith(_ISA_PREFIXES))
+    except (ImportError, AttributeError, RuntimeError, ValueError):
+        return
+    if arch != host_arch or missing:
+        what = f"architecture {arch}" if arch != host_arch else f"CPU features {', '.join(missing)}"
+        raise ArtifactError(
+            f"{artifact_dir} was built for {mcpu or arch} and needs {what}, which this machine "
+            f"({host_cpu}, {host_arch}) lacks",
+            hint=f"rebuild it on this machine, or for this CPU (mcpu {host_cpu}) or an older one",
+            path=artifact_dir,
+        )
+
+
+def _load_weights(tvm: Any, artifact_dir: Path, manifest: Manifest) -> list[Any]:
+    """Read every weight from its shard into a device tensor; return them in manifest order."""
+    by_file: dict[str, list[int]] = defaultdict(list)
+    for i, w in enumerate(manifest.weights):
+        by_file[w.file].append(i)
+    tensors: list[Any] = [None] * len(manifest.weights)
+    for file, indices in by_file.items():
+        path = resolve(artifact_dir, file)
+        with safe_open(str(path), framework="numpy") as shard:
+            names = set(shard.keys())
+            for i in indices:
+                w = manifest.weights[i]
+                if w.name not in names:
+                    raise ArtifactError(
+                        f"{path} has no tensor {w.name}", hint="rebuild the artifact", path=path
+                    )
+                array = shard.get_tensor(w.name)
+                if tuple(array.shape) != w.shape or str(array.dtype) != w.dtype:
+                    raise ArtifactError(
+                        f"{path}: tensor {w.name} is {array.dtype}{list(array.shape)}, "
+                        f"the manifest says {w.dtype}{list(w.shape)}",
+                        hint="rebuild the artifact",
+                        path=path,
+                    )
+                tensors[i] = tvm.runtime.tensor(array, tvm.cpu())
+    return tensors

@@ -1,0 +1,34 @@
+"""What differs between targets, as data: one ``TargetSpec`` per target, found by name.
+
+The pipeline never branches on a target's name: it asks the spec for the TVM target, the
+kernels to use for ``linear``, the library file it exports and what the device needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..errors import LLMOptError
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    name: str
+    description: str
+    device: str  # the runtime device kind: cpu, cuda, rocm, metal, webgpu
+    library_file: str  # the compiled library's file name inside the artifact
+    tvm_target: Callable[[str | None], dict]  # arch (or None for the default) -> TVM target, dict form
+    device_needs: str  # what must be installed on the device to load the artifact
+    emit_linear: Callable | None = None  # (bb, x, w, bias) -> relax.Expr; None: plain Relax linear
+    archs: tuple[str, ...] = field(default_factory=tuple)  # accepted --arch values (empty: free form)
+
+
+class UnknownTargetError(LLMOptError):
+    pass
+
+
+def check_arch(spec: TargetSpec, arch: str | None) -> None:
+    if arch is not None and spec.archs and arch not in spec.archs:
+        raise UnknownTargetError(f"target {spec.name}: unknown --arch {arch!r}.",
+                                 f"Known archs: {', '.join(spec.archs)}.")

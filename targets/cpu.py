@@ -1,0 +1,35 @@
+"""The host CPU through LLVM: compiled and run on this machine."""
+
+from __future__ import annotations
+
+import os
+
+from .base import TargetSpec
+
+
+def host_cpu_name() -> str:
+    """LLVM's name for this machine's CPU (``"native"`` silently means generic in TVM 0.27)."""
+    import tvm.target.codegen
+    return str(tvm.target.codegen.llvm_get_system_cpu())
+
+
+def cpu_target(arch: str | None) -> dict:
+    """``arch``: an LLVM CPU name (e.g. ``skylake-avx512``); default: this machine's CPU."""
+    return {"kind": "llvm", "mcpu": arch or host_cpu_name(), "num-cores": os.cpu_count() or 1}
+
+
+def _emit_linear(bb, x, w, bias):
+    from ..codegen.kernels.cpu_linear import emit_linear
+    import tvm
+    return emit_linear(bb, x, w, bias, tvm.target.Target.current())
+
+
+TARGET = TargetSpec(
+    name="cpu",
+    description="this machine's CPU (LLVM), x86-64 or aarch64",
+    device="cpu",
+    library_file="model.so",
+    tvm_target=cpu_target,
+    device_needs="the TVM runtime (pip install apache-tvm), numpy, safetensors, tokenizers",
+    emit_linear=None,  # TODO(kernels): _emit_linear once codegen/kernels/cpu_linear.py lands
+)
