@@ -115,7 +115,8 @@ def _concat(ctx, node, args):
 @lowers("slice")
 def _slice(ctx, node, args):
     a = node.attr
-    return relax.op.strided_slice(args[0], axes=[a["axis"]], begin=[a["start"]], end=[a["end"]])
+    axis = a["axis"] % node.type.rank  # TVM's strided_slice rejects negative axes
+    return relax.op.strided_slice(args[0], axes=[axis], begin=[a["start"]], end=[a["end"]])
 
 
 @lowers("matmul")

@@ -1,0 +1,185 @@
+"""The ``llmopt`` command line: build, run, eval, ir.
+
+User errors (``LLMOptError``) print one paragraph and exit with code 2; anything else is an
+llmopt bug: it prints the traceback and exits with code 70.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import click
+
+from .errors import INTERNAL_ERROR_EXIT, USER_ERROR_EXIT, LLMOptError
+
+DEFAULT_TEXT = Path(__file__).resolve().parent.parent / "shared" / "data" / "austen" / "persuasion.txt"
+
+
+def _console():
+    from rich.console import Console
+    return Console(stderr=True)
+
+
+def _is_artifact(path: str) -> bool:
+    return (Path(path) / "manifest.json").is_file()
+
+
+@click.group()
+@click.version_option(package_name="llmopt")
+def cli():
+    """llmopt: compile LLMs ahead of time through llmopt's IR and Apache TVM.
+
+    \b
+    llmopt build smollm2 --target cpu -o out/smollm2
+    llmopt run out/smollm2 --prompt "The capital of France is"
+    llmopt eval out/smollm2 --text ../shared/data/austen/persuasion.txt
+    llmopt ir smollm2 --pipeline default --dump-dir dumps/
+    """
+
+
+def _build_options(target, arch, pipeline, disable_pass, dump_dir, verify):
+    from .compiler import BuildOptions
+    return BuildOptions(target=target, arch=arch, pipeline=pipeline, disabled_passes=tuple(disable_pass),
+                        dump_dir=dump_dir, verify=verify)
+
+
+_pipeline_option = click.option("--pipeline", default="default", show_default=True,
+                                help="Pass pipeline: a named pipeline or a comma list, e.g. 'dce,cse'.")
+_disable_option = click.option("--disable-pass", multiple=True, metavar="NAME", help="Skip this pass (repeatable).")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--target", default="cpu", show_default=True, help="Target to compile for (see targets/).")
+@click.option("--arch", default=None, help="Target architecture, e.g. an LLVM CPU name for cpu.")
+@click.option("-o", "--out", required=True, type=click.Path(), help="Artifact directory to write.")
+@_pipeline_option
+@_disable_option
+@click.option("--dump-dir", type=click.Path(), default=None, help="Write the IR after every pass here.")
+@click.option("--verify", is_flag=True, help="Run the IR verifier after every pass.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def build(model, target, arch, out, pipeline, disable_pass, dump_dir, verify, force):
+    """Compile MODEL (an HF folder, a .gguf file, or 'smollm2') into an artifact directory.
+
+    \b
+    Example:
+      llmopt build smollm2 --target cpu -o out/smollm2
+    """
+    import torch  # noqa: F401  (torch before tvm: tvm_ffi's torch hooks want it first)
+    from .compiler import build as build_artifact
+    console = _console()
+    options = _build_options(target, arch, pipeline, disable_pass, dump_dir, verify)
+    with console.status("building") as status:
+        manifest = build_artifact(model, out, options, force, report=lambda line: (status.update(line),
+                                                                                    console.log(line)))
+    size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
+    console.print(f"wrote {out} ({size / 1e6:.1f} MB, {len(manifest.weights)} weights, target {target})")
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--max-tokens", default=64, show_default=True, help="Most tokens to generate.")
+@click.option("--temperature", default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass.")
+@click.option("--seed", default=None, type=int, help="Seed for sampling.")
+def run(artifact, prompt, max_tokens, temperature, top_p, seed):
+    """Load ARTIFACT and print the completion of --prompt, token by token.
+
+    \b
+    Example:
+      llmopt run out/smollm2 --prompt "The capital of France is" --max-tokens 32
+    """
+    from .runtime import generate, load
+    model = load(artifact)
+    ids = model.tokenizer.encode(prompt)
+    stream = model.tokenizer.stream()
+    click.echo(prompt, nl=False)
+    for token in generate(model, ids, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed):
+        click.echo(stream.push(token), nl=False)
+    click.echo(stream.flush())
+
+
+@cli.command(name="eval")
+@click.argument("model_or_artifact")
+@click.option("--text", type=click.Path(exists=True, dir_okay=False), default=str(DEFAULT_TEXT), show_default=True,
+              help="UTF-8 text file to measure perplexity on.")
+@click.option("--context", default=1024, show_default=True, help="Window length in tokens.")
+@click.option("--tokens", "max_tokens", default=None, type=int, help="Use only the first N tokens of the text.")
+@_pipeline_option
+def evaluate(model_or_artifact, text, context, max_tokens, pipeline):
+    """Perplexity of an artifact (or of a model, built for the CPU first) on --text.
+
+    \b
+    Example:
+      llmopt eval out/smollm2 --text ../shared/data/austen/persuasion.txt --context 1024 --tokens 8192
+    """
+    from .runtime import load
+    from .runtime.perplexity import perplexity
+    console = _console()
+    with tempfile.TemporaryDirectory() as tmp:
+        artifact = model_or_artifact
+        if not _is_artifact(artifact):
+            import torch  # noqa: F401
+            from .compiler import build as build_artifact
+            artifact = str(Path(tmp) / "artifact")
+            with console.status("building for the CPU"):
+                build_artifact(model_or_artifact, artifact, _build_options("cpu", None, pipeline, (), None, False))
+        model = load(artifact)
+        ids = model.tokenizer.encode(Path(text).read_text(encoding="utf-8"))
+        from rich.progress import Progress
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task("windows", total=None)
+            result = perplexity(model.forward_logits, ids, context, max_tokens,
+                                progress=lambda done, total: bar.update(task, completed=done, total=total))
+    click.echo(f"{Path(text).name}: {result.describe()}")
+
+
+@cli.command()
+@click.argument("model")
+@_pipeline_option
+@_disable_option
+@click.option("--dump-dir", type=click.Path(), default=None, help="Write NNN_<pass>.ir after every pass here.")
+@click.option("--verify", is_flag=True, help="Run the IR verifier after every pass.")
+@click.option("-o", "--out", type=click.Path(), default=None, help="Write the final IR here instead of stdout.")
+def ir(model, pipeline, disable_pass, dump_dir, verify, out):
+    """Print MODEL's IR after a pipeline (default: the build pipeline; 'none' for the traced IR).
+
+    \b
+    Examples:
+      llmopt ir smollm2 --pipeline none | less
+      llmopt ir smollm2 --pipeline dce,cse,fuse-linears --dump-dir dumps/
+    """
+    from .compiler import load, optimize
+    from .ir.printer import print_module
+    module = optimize(load(model), _build_options("cpu", None, pipeline, disable_pass, dump_dir, verify))
+    text = print_module(module)
+    if out:
+        Path(out).write_text(text)
+    else:
+        click.echo(text, nl=False)
+
+
+def main(argv=None) -> None:
+    """Entry point: run the CLI, turning LLMOptError into a one-paragraph message."""
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(USER_ERROR_EXIT)
+    except LLMOptError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(USER_ERROR_EXIT)
+    except Exception:  # noqa: BLE001 - anything else is a bug; say so
+        traceback.print_exc()
+        click.echo("error: internal error in llmopt (a bug); the traceback above helps us fix it.", err=True)
+        sys.exit(INTERNAL_ERROR_EXIT)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The compiler driver: model -> IR -> passes -> TVM -> artifact directory.
+
+Each stage is a function of the one before; ``build`` strings them together for the CLI and for
+Python users. Progress goes to ``report`` (a callable taking a line), timings into the manifest.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import __version__
+from .errors import LLMOptError
+from .ir.graph import Module
+from .ir.printer import print_module
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    target: str = "cpu"
+    arch: str | None = None
+    pipeline: str = "default"
+    disabled_passes: tuple[str, ...] = ()
+    dump_dir: str | None = None
+    verify: bool = False
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class BuildReport:
+    seconds: dict[str, float] = field(default_factory=dict)
+    pass_stats: list = field(default_factory=list)
+
+
+def load(model) -> Module:
+    """A model given as a name, a path or an already traced ``ir.Module``."""
+    if isinstance(model, Module):
+        return model
+    from .frontend.load import load_model
+    return load_model(str(model))
+
+
+def optimize(module: Module, options: BuildOptions, report: BuildReport | None = None) -> Module:
+    """Run the pass pipeline named in ``options`` with the instruments it asks for."""
+    from .passes.instruments import DumpIR, Verify
+    from .passes.manager import PassManager, build_pipeline
+    instruments = ([DumpIR(options.dump_dir)] if options.dump_dir else []) + ([Verify()] if options.verify else [])
+    manager = PassManager(build_pipeline(options.pipeline), instruments, options.disabled_passes)
+    module = manager.run(module)
+    if report is not None:
+        report.pass_stats = manager.stats
+    return module
+
+
+def _input_hashes(module: Module) -> dict[str, str]:
+    """sha256 of each file the model was read from (recorded in the manifest)."""
+    from .runtime.manifest import sha256_file
+    source = module.meta.get("source", {})
+    path = Path(source["path"]) if "path" in source else None
+    if path is None or not path.exists():
+        return {}
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    return {str(f): sha256_file(f) for f in files}
+
+
+def _manifest_fields(module: Module, options: BuildOptions, target_dict: dict, spec, report: BuildReport) -> dict:
+    tokenizer = dict(module.meta.get("tokenizer") or {})
+    entry_points = [{"name": f.name, "inputs": [p.name for p in f.params]} for f in module.functions.values()]
+    return {
+        "created_by": {"command": " ".join(sys.argv), "options": options.to_json(), "llmopt": __version__},
+        "target": {"name": spec.name, "tvm": target_dict, "device": spec.device},
+        "library": spec.library_file,
+        "entry_points": entry_points,
+        "kv_cache": module.meta["kv_cache"],
+        "tokenizer": {"file": "tokenizer.json", "bos_token_id": tokenizer.get("bos_token_id"),
+                      "eos_token_ids": tokenizer.get("eos_token_ids", []),
+                      "add_bos": bool(tokenizer.get("add_bos", False)),
+                      "chat_template": tokenizer.get("chat_template")},
+        "model": module.meta.get("decoder", {}),
+        "pipeline": [name for name, _ in report.pass_stats],
+        "inputs": _input_hashes(module),
+    }
+
+
+def build(model, out: str | Path, options: BuildOptions = BuildOptions(), force: bool = False,
+          report: Callable[[str], None] = lambda line: None):
+    """Build ``model`` into the artifact directory ``out``; returns its Manifest."""
+    from .codegen.artifact_writer import write_artifact
+    from .codegen.build import compile_module
+    from .codegen.relax_module import weight_order
+    from .targets import get_target
+
+    spec = get_target(options.target)  # unknown targets fail before any work
+    out = Path(out)
+    if out.exists() and not force:
+        raise LLMOptError(f"output {out} already exists.", "Pass --force to replace it, or choose another -o.")
+    build_report = BuildReport()
+
+    def step(name: str, fn):
+        report(f"{name}...")
+        start = time.perf_counter()
+        value = fn()
+        build_report.seconds[name] = round(time.perf_counter() - start, 3)
+        report(f"{name}: {build_report.seconds[name]:.1f} s")
+        return value
+
+    module = step("trace", lambda: load(model))
+    if "kv_cache" not in module.meta or "prefill" not in module.functions:
+        raise LLMOptError("this model has no prefill/decode entry points, so it cannot become a generating artifact.",
+                          "llmopt build takes Llama-family models (HF folders, GGUF); use llmopt.frontend.torch_export "
+                          "and the IR API for other modules.")
+    tokenizer_file = (module.meta.get("tokenizer") or {}).get("file")
+    if not tokenizer_file or not Path(tokenizer_file).is_file():
+        raise LLMOptError(f"the model has no tokenizer.json (looked for {tokenizer_file}).",
+                          "Put the Hugging Face tokenizer.json next to config.json.")
+    module = step("optimize", lambda: optimize(module, options, build_report))
+    executable, target_dict = step("compile", lambda: compile_module(module, spec, options.arch))
+    fields = _manifest_fields(module, options, target_dict, spec, build_report)
+    weights = ((name, module.weights.get(name)) for name in weight_order(module))
+    return step("write", lambda: write_artifact(out, executable=executable, weights=weights,
+                                                 tokenizer_json_path=tokenizer_file, ir_text=print_module(module),
+                                                 manifest_fields=fields, overwrite=force))
