@@ -3,7 +3,7 @@
 A ``Node`` is immutable: one op applied to named input values, with typed attributes, a result
 type and provenance (``source``: where the frontend found it; ``created_by``: the pass that made
 it). A ``Function`` lists its nodes in a topological order. Passes never edit a function in
-place: they build a new one with a ``Builder`` (see ``ir/rewrite.py``).
+place: they build a new one with a ``Builder`` (see ``passes/rewrite.py``).
 """
 
 from __future__ import annotations
