@@ -47,8 +47,10 @@ class CompiledModel:
     """A loaded artifact: the Relax VM, its bound weights, the tokenizer and the manifest."""
 
     def __init__(
-        self, manifest: Manifest, vm: Any, weights: list[Any], tokenizer: Tokenizer, tvm: Any
+        self, manifest: Manifest, vm: Any, weights: list[Any], tokenizer: Tokenizer, tvm: Any,
+        path: Path,
     ) -> None:
+        self.path = path  # the artifact directory
         self.manifest = manifest
         self.tokenizer = tokenizer
         self._tvm = tvm
@@ -156,7 +158,7 @@ def load(
         add_bos=tok.add_bos,
         chat_template=tok.chat_template,
     )
-    return CompiledModel(manifest, vm, _load_weights(tvm, artifact_dir, manifest), tokenizer, tvm)
+    return CompiledModel(manifest, vm, _load_weights(tvm, artifact_dir, manifest), tokenizer, tvm, Path(artifact_dir))
 
 
 def _check_target(tvm: Any, manifest: Manifest, device: str | None, artifact_dir: Path) -> None:
