@@ -171,14 +171,14 @@ def tokenizer_info(folder: Path, config: dict) -> dict:
     for extra in ("generation_config.json", "tokenizer_config.json"):
         if (folder / extra).is_file():
             data = json.loads((folder / extra).read_text())
-            info.setdefault("chat_template", data.get("chat_template"))
-            for key in ("bos_token_id", "eos_token_id"):
-                if key in data:
+            for key in ("chat_template", "bos_token_id", "eos_token_id"):
+                if data.get(key) is not None:
                     info.setdefault(key, data[key])
     for key in ("bos_token_id", "eos_token_id"):
         info.setdefault(key, config.get(key))
     eos = info.pop("eos_token_id")
     info["eos_token_ids"] = [e for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
+    info.setdefault("chat_template", None)
     info.setdefault("add_bos", False)
     return info
 
