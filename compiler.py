@@ -68,12 +68,13 @@ def _input_hashes(module: Module) -> dict[str, str]:
     return {str(f): sha256_file(f) for f in files}
 
 
-def _manifest_fields(module: Module, options: BuildOptions, target_dict: dict, spec, report: BuildReport) -> dict:
+def _manifest_fields(module: Module, options: BuildOptions, library, spec, report: BuildReport) -> dict:
     tokenizer = dict(module.meta.get("tokenizer") or {})
     entry_points = [{"name": f.name, "inputs": [p.name for p in f.params]} for f in module.functions.values()]
     return {
         "created_by": {"command": " ".join(sys.argv), "options": options.to_json(), "llmopt": __version__},
-        "target": {"name": spec.name, "tvm": target_dict, "device": spec.device},
+        "target": {"name": spec.name, "tvm": library.target, "device": spec.device,
+                   "weight_layout": library.layout_note()},
         "library": spec.library_file,
         "entry_points": entry_points,
         "kv_cache": module.meta["kv_cache"],
@@ -92,7 +93,6 @@ def build(model, out: str | Path, options: BuildOptions = BuildOptions(), force:
     """Build ``model`` into the artifact directory ``out``; returns its Manifest."""
     from .codegen.artifact_writer import write_artifact
     from .codegen.build import compile_module
-    from .codegen.relax_module import weight_order
     from .targets import get_target
 
     spec = get_target(options.target)  # unknown targets fail before any work
@@ -119,9 +119,9 @@ def build(model, out: str | Path, options: BuildOptions = BuildOptions(), force:
         raise LLMOptError(f"the model has no tokenizer.json (looked for {tokenizer_file}).",
                           "Put the Hugging Face tokenizer.json next to config.json.")
     module = step("optimize", lambda: optimize(module, options, build_report))
-    executable, target_dict = step("compile", lambda: compile_module(module, spec, options.arch))
-    fields = _manifest_fields(module, options, target_dict, spec, build_report)
-    weights = ((name, module.weights.get(name)) for name in weight_order(module))
-    return step("write", lambda: write_artifact(out, executable=executable, weights=weights,
+    library = step("compile", lambda: compile_module(module, spec, options.arch))
+    fields = _manifest_fields(module, options, library, spec, build_report)
+    return step("write", lambda: write_artifact(out, executable=library.executable,
+                                                 weights=library.stored_weights(module),
                                                  tokenizer_json_path=tokenizer_file, ir_text=print_module(module),
                                                  manifest_fields=fields, overwrite=force))

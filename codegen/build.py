@@ -2,19 +2,45 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 import tvm
 
 from ..ir.graph import Module
 from ..targets import TargetSpec, check_arch
-from .relax_module import default_emit_linear, to_relax
+from .relax_module import default_emit_linear, to_relax, weight_order
+from .weight_layout import packed_weights
 
 
-def compile_module(module: Module, spec: TargetSpec, arch: str | None = None):
-    """(TVM executable, the TVM target in dict form) for ``module`` on ``spec``."""
+@dataclass
+class CompiledLibrary:
+    """A compiled module and how its weights must be stored for it."""
+
+    executable: Any
+    target: dict  # the TVM target, dict form
+    packed: set[str]  # weights stored in ``layout``
+    layout: Any
+
+    def stored_weights(self, module: Module):
+        """(name, array) in the library's parameter order and layout, loaded one at a time."""
+        for name in weight_order(module):
+            array = module.weights.get(name)
+            yield name, (self.layout.pack(array) if name in self.packed else np.ascontiguousarray(array))
+
+    def layout_note(self) -> dict:
+        return {"packed": sorted(self.packed), "layout": self.layout.description} if self.packed else {}
+
+
+def compile_module(module: Module, spec: TargetSpec, arch: str | None = None) -> CompiledLibrary:
+    """Compile ``module`` for ``spec`` (and ``arch``); weights stay out of the library."""
     check_arch(spec, arch)
     target_dict = spec.tvm_target(arch)
     target = tvm.target.Target(target_dict)
+    layout = spec.linear_weight_layout() if spec.linear_weight_layout else None
+    packed = packed_weights(module) if layout is not None else set()
     with target:  # lowerings and compile callbacks read Target.current()
-        relax_mod = to_relax(module, spec.emit_linear or default_emit_linear)
+        relax_mod = to_relax(module, spec.emit_linear or default_emit_linear, layout, packed)
         executable = tvm.compile(relax_mod, target)
-    return executable, target_dict
+    return CompiledLibrary(executable, target_dict, packed, layout)

@@ -25,6 +25,7 @@ class LoweringContext:
     symbols: dict[str, tirx.Var]
     emit_linear: Callable  # (bb, x, w, bias) -> relax.Expr
     types: dict  # IR value name -> TensorType, for lowerings that need their inputs' types
+    packed: set = frozenset()  # IR values (weights) held in the target's packed linear layout
 
     def dim(self, dim: Dim):
         """An IR dim as a TIR expression (ints stay ints)."""
@@ -124,8 +125,22 @@ def _matmul(ctx, node, args):
     return relax.op.matmul(args[0], args[1])
 
 
+def _take_packed_te(table: te.Tensor, ids: te.Tensor, vocab: int):
+    """Rows of a table stored as [ceil(V/B), K, B] (table[v, k] = packed[v // B, k, v % B])."""
+    block = table.shape[2]
+
+    def value(*index):
+        row = tirx.max(tirx.min(ids[index[:-1]], vocab - 1), 0)
+        return table[tirx.floordiv(row, block), index[-1], tirx.floormod(row, block)]
+
+    return te.compute(tuple(ids.shape) + (table.shape[1],), value, name="take_packed")
+
+
 @lowers("embedding")
 def _embedding(ctx, node, args):
+    if node.inputs[1] in ctx.packed:
+        vocab = ctx.types[node.inputs[1]].shape[0]
+        return ctx.bb.emit_te(_take_packed_te, args[1], args[0], vocab, primfunc_name_hint="take_packed")
     return relax.op.take(args[1], args[0], axis=0, mode="clip")
 
 
@@ -136,7 +151,10 @@ def _rms_norm(ctx, node, args):
 
 @lowers("linear")
 def _linear(ctx, node, args):
-    return ctx.emit_linear(ctx.bb, args[0], args[1], args[2] if len(args) == 3 else None)
+    bias = args[2] if len(args) == 3 else None
+    if node.inputs[1] in ctx.packed:
+        return ctx.emit_linear(ctx.bb, args[0], args[1], bias, out_features=node.type.shape[-1])
+    return ctx.emit_linear(ctx.bb, args[0], args[1], bias)
 
 
 def _rope_te(x: te.Tensor, pos: te.Tensor, inv_freq: te.Tensor):

@@ -27,13 +27,20 @@ def weight_order(module: Module) -> list[str]:
     return module.weight_names()
 
 
+def weight_param_type(module: Module, name: str, layout) -> TensorType:
+    """The type a weight has as a library parameter: packed when ``layout`` packs it."""
+    type = module.weights.type(name)
+    return type.with_shape(layout.packed_shape(*type.shape)) if layout is not None else type
+
+
 def _tensor_type(ctx: LoweringContext, type: TensorType) -> relax.TensorType:
     return relax.TensorType([ctx.dim(d) for d in type.shape], TVM_DTYPES[type.dtype])
 
 
 def _lower_function(bb: relax.BlockBuilder, func: Function, weights: list[tuple[str, TensorType]],
-                    emit_linear: Callable) -> None:
-    ctx = LoweringContext(bb, {}, emit_linear, func.types())
+                    emit_linear: Callable, packed: set[str]) -> None:
+    packed_values = {n.name for n in func.nodes if n.op == "weight" and n.attr["name"] in packed}
+    ctx = LoweringContext(bb, {}, emit_linear, func.types(), packed_values)
     inputs = [relax.Var(p.name, _tensor_type(ctx, p.type)) for p in func.params]
     weight_vars = {name: relax.Var(name.replace(".", "_"), _tensor_type(ctx, t)) for name, t in weights}
     with bb.function(func.name, inputs + list(weight_vars.values()), attrs={"num_input": len(inputs)}):
@@ -53,10 +60,16 @@ def _lower_function(bb: relax.BlockBuilder, func: Function, weights: list[tuple[
         bb.emit_func_output(result)
 
 
-def to_relax(module: Module, emit_linear: Callable = default_emit_linear) -> tvm.IRModule:
-    """The Relax IRModule of ``module`` (see the calling convention above)."""
-    weights = [(name, module.weights.type(name)) for name in weight_order(module)]
+def to_relax(module: Module, emit_linear: Callable = default_emit_linear, layout=None,
+             packed: set[str] = frozenset()) -> tvm.IRModule:
+    """The Relax IRModule of ``module`` (see the calling convention above).
+
+    Weights in ``packed`` are parameters in ``layout`` (see codegen/weight_layout.py);
+    ``emit_linear`` and the embedding lowering read them in that layout.
+    """
+    weights = [(name, weight_param_type(module, name, layout if name in packed else None))
+               for name in weight_order(module)]
     bb = relax.BlockBuilder()
     for func in module.functions.values():
-        _lower_function(bb, func, weights, emit_linear)
+        _lower_function(bb, func, weights, emit_linear, packed)
     return bb.get()

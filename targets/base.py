@@ -7,7 +7,7 @@ kernels to use for ``linear``, the library file it exports and what the device n
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from ..errors import LLMOptError
 
@@ -20,7 +20,8 @@ class TargetSpec:
     library_file: str  # the compiled library's file name inside the artifact
     tvm_target: Callable[[str | None], dict]  # arch (or None for the default) -> TVM target, dict form
     device_needs: str  # what must be installed on the device to load the artifact
-    emit_linear: Callable | None = None  # (bb, x, w, bias) -> relax.Expr; None: plain Relax linear
+    emit_linear: Callable | None = None  # (bb, x, w, bias, out_features=None) -> relax.Expr; None: Relax linear
+    linear_weight_layout: Callable[[], Any] | None = None  # () -> layout (pack, packed_shape, description)
     archs: tuple[str, ...] = field(default_factory=tuple)  # accepted --arch values (empty: free form)
 
 

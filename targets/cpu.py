@@ -18,10 +18,16 @@ def cpu_target(arch: str | None) -> dict:
     return {"kind": "llvm", "mcpu": arch or host_cpu_name(), "num-cores": os.cpu_count() or 1}
 
 
-def _emit_linear(bb, x, w, bias):
-    from ..codegen.kernels.cpu_linear import emit_linear
+def _emit_linear(bb, x, w, bias, out_features=None):
     import tvm
-    return emit_linear(bb, x, w, bias, tvm.target.Target.current())
+
+    from ..codegen.kernels.cpu_linear import emit_linear
+    return emit_linear(bb, x, w, bias, tvm.target.Target.current(), out_features=out_features)
+
+
+def _linear_weight_layout():
+    from ..codegen.kernels.cpu_linear import WEIGHT_LAYOUT
+    return WEIGHT_LAYOUT
 
 
 TARGET = TargetSpec(
@@ -31,5 +37,6 @@ TARGET = TargetSpec(
     library_file="model.so",
     tvm_target=cpu_target,
     device_needs="the TVM runtime (pip install apache-tvm), numpy, safetensors, tokenizers",
-    emit_linear=None,  # TODO(kernels): _emit_linear once codegen/kernels/cpu_linear.py lands
+    emit_linear=_emit_linear,
+    linear_weight_layout=_linear_weight_layout,
 )

@@ -53,8 +53,9 @@ BLOCK_N = 64
 """Output channels per packed weight block: four AVX-512 vectors of fp32."""
 
 GEMM_ROWS = 6
-"""Rows of x per GEMM register tile: 6 x 64 fp32 = 24 accumulator zmm registers (<= 8:
-the remainder rows are covered by 4-, 2- and 1-row tiles)."""
+"""Rows of x per GEMM register tile: 6 x 64 fp32 = 24 accumulator zmm registers. At most 7:
+the remainder rows are covered by 4-, 2- and 1-row tiles, and a half tile (rows x 32
+floats) must stay below 1 KiB to live on the stack (see ``HALF``)."""
 
 GEMV_SPLIT_K = 4
 """Independent partial sums per output vector in the GEMV, to hide FMA latency."""
@@ -70,6 +71,12 @@ class PackedWeightLayout:
     """
 
     block: int
+
+    @property
+    def description(self) -> str:
+        """A one-line description, e.g. for artifact metadata."""
+        b = self.block
+        return f"fp32 [ceil(N/{b}), K, {b}]: w_packed[i, k, j] = W[{b}*i + j, k], zero-padded"
 
     def packed_shape(self, n: int, k: int) -> tuple[int, int, int]:
         """Shape of the packed weight for ``W[n, k]``."""
@@ -119,7 +126,9 @@ def host_cpu_target(num_threads: int | None = None) -> tvm.target.Target:
     """
     cpu = tvm.target.codegen.llvm_get_system_cpu()
     if num_threads is None:
-        num_threads = len(os.sched_getaffinity(0))
+        num_threads = (
+            len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        )
     return tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": num_threads})
 
 
@@ -141,23 +150,29 @@ def emit_linear(
 
     A constant M of 1 selects the GEMV kernel, anything else the tiled GEMM.
     """
-    del target  # one set of kernels for every llvm target; kept for the dispatcher interface
     x_shape = _static_or_symbolic_shape(x)
     k = int(x_shape[-1])
     n, w_packed = _packed_weight(bb, w, bias, k, out_features)
     rows = _product(x_shape[:-1])
     x2d = x if len(x_shape) == 2 else bb.emit(relax.op.reshape(x, [rows, k]))
 
-    is_gemv = isinstance(rows, int) and rows == 1
-    kind = "gemv" if is_gemv else "gemm"
     has_bias = bias is not None
-    func = (make_gemv if is_gemv else make_gemm)(n, k, has_bias)
+    if isinstance(rows, int) and rows == 1:
+        kind, func = "gemv", make_gemv(n, k, has_bias)
+    else:
+        kind, func = "gemm", make_gemm(n, k, has_bias, _target_threads(target))
     gv = bb.add_func(func, f"linear_{kind}_n{n}_k{k}{'_bias' if has_bias else ''}")
     args = [x2d, w_packed] + ([bias] if has_bias else [])
     y2d = bb.emit(relax.call_tir(gv, args, relax.TensorType([rows, n], "float32")))
     if len(x_shape) == 2:
         return y2d
     return bb.emit(relax.op.reshape(y2d, list(x_shape[:-1]) + [n]))
+
+
+def _target_threads(target: tvm.target.Target) -> int:
+    """The thread count the target is built for (its ``num-cores``; 1 when unset)."""
+    cores = target.attrs.get("num-cores")
+    return max(1, int(cores)) if cores is not None else 1
 
 
 def _product(dims: list[tirx.PrimExpr]) -> int | tirx.PrimExpr:
@@ -210,42 +225,110 @@ def _kernel_attrs() -> dict:
     return {"op_pattern": _OPAQUE, "tirx.noalias": True, "tirx.is_scheduled": True}
 
 
+# Register tiles. A ``rows x BLOCK_N`` accumulator tile is held as two ``rows x HALF``
+# buffers ("lo" and "hi" columns) of "global" scope, declared inside the parallel loop.
+# TVM's LowerTVMBuiltin leaves a CPU allocation on the stack only when its scope is
+# "global" and it is smaller than 1 KiB (kMaxStackAlloca); anything else ("local" scope,
+# or 6 x 64 floats in one buffer) becomes a TVMBackendAllocWorkspace heap buffer. LLVM
+# keeps a heap tile in registers only if it can prove that the tile does not alias x and
+# w, which it cannot once the kernel is inlined into its packed-call wrapper (as in the
+# Relax VM build): every FMA then round-trips through memory and the GEMM runs at half
+# speed. Stack allocas of at most 6 x 32 floats are always promoted to registers.
+HALF = BLOCK_N // 2
+
+
+@T.macro
+def _zero(lo, hi, rows):
+    for i in T.unroll(rows):
+        for j in T.vectorized(HALF):
+            lo[i, j] = T.float32(0)
+        for j in T.vectorized(HALF):
+            hi[i, j] = T.float32(0)
+
+
+@T.macro
+def _fma_row(lo, hi, i, xv, w, jo, kk):
+    """Tile row i += xv * w[jo, kk, :] (one broadcast, BLOCK_N / 16 vector FMAs)."""
+    for j in T.vectorized(HALF):
+        lo[i, j] = lo[i, j] + xv * w[jo, kk, j]
+    for j in T.vectorized(HALF):
+        hi[i, j] = hi[i, j] + xv * w[jo, kk, HALF + j]
+
+
+@T.macro
+def _prefetch(w, jo, kk, j):
+    """Software prefetch (read, keep in all cache levels) of the line holding w[jo, kk, j]."""
+    T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(w[jo, kk, j]), 0, 3, 1))
+
+
+def _row_store(n: int, has_bias: bool):
+    """A macro storing tile row ``i`` to ``y[row, block jo]``, adding the bias.
+
+    When N is a multiple of BLOCK_N the store is an unguarded vector store; otherwise the
+    last block is partial and every element store is guarded by ``col < n``.
+    """
+    guarded = n % BLOCK_N != 0
+
+    @T.macro
+    def store_half(y, b, acc, i, row, col0):
+        if guarded:
+            for j in range(HALF):
+                if col0 + j < n:
+                    if has_bias:
+                        y[row, col0 + j] = acc[i, j] + b[col0 + j]
+                    else:
+                        y[row, col0 + j] = acc[i, j]
+        else:
+            for j in T.vectorized(HALF):
+                if has_bias:
+                    y[row, col0 + j] = acc[i, j] + b[col0 + j]
+                else:
+                    y[row, col0 + j] = acc[i, j]
+
+    @T.macro
+    def store_row(y, b, lo, hi, i, row, jo):
+        store_half(y, b, lo, i, row, jo * BLOCK_N)
+        store_half(y, b, hi, i, row, jo * BLOCK_N + HALF)
+
+    return store_row
+
+
 def make_gemv(n: int, k: int, has_bias: bool) -> tirx.PrimFunc:
     """The M == 1 kernel: ``y[1, n] = x[1, k] @ W^T (+ bias)`` on the packed weight.
 
-    Schedule: parallel over N blocks (each thread streams a contiguous part of the
-    weight); per block, ``GEMV_SPLIT_K`` interleaved k streams accumulate into separate
-    ``BLOCK_N``-wide vectors (4 x 4 zmm independent FMA chains, enough to keep the loads
-    in flight), summed once at the end.
+    Schedule: parallel over N blocks, so each thread reads one contiguous part of the
+    weight front to back. Per block, k is split by ``GEMV_SPLIT_K`` (rfactor): row k goes
+    to partial sum ``k % GEMV_SPLIT_K``, a ``BLOCK_N``-wide vector, giving 4 x 4 zmm
+    independent FMA chains so that FMA latency never throttles the loads; the partial sums
+    are added once at the end, and the ``K % GEMV_SPLIT_K`` last rows go to partial sum 0.
     """
-    nblocks, nb, split = -(-n // BLOCK_N), BLOCK_N, GEMV_SPLIT_K
+    nblocks, split = -(-n // BLOCK_N), GEMV_SPLIT_K
     k_main = k // split * split
     store_row = _row_store(n, has_bias)
 
     @T.macro
     def block_dot(x, w, y, b, jo):
-        acc = T.alloc_buffer((split, nb), "float32", scope="local")
-        for s in T.unroll(split):
-            for j in T.vectorized(nb):
-                acc[s, j] = T.float32(0)
-        for ko in range(k_main // split):
+        lo = T.alloc_buffer((split, HALF), "float32", scope="global")
+        hi = T.alloc_buffer((split, HALF), "float32", scope="global")
+        _zero(lo, hi, split)
+        for ko in range(k // split):
             for s in T.unroll(split):
-                for j in T.vectorized(nb):
-                    acc[s, j] = acc[s, j] + x[0, ko * split + s] * w[jo, ko * split + s, j]
+                _fma_row(lo, hi, s, x[0, ko * split + s], w, jo, ko * split + s)
         for kt in range(k - k_main):
-            for j in T.vectorized(nb):
-                acc[0, j] = acc[0, j] + x[0, k_main + kt] * w[jo, k_main + kt, j]
+            _fma_row(lo, hi, 0, x[0, k_main + kt], w, jo, k_main + kt)
         for s in T.unroll(1, split):
-            for j in T.vectorized(nb):
-                acc[0, j] = acc[0, j] + acc[s, j]
-        store_row(y, b, acc, 0, 0, jo)
+            for j in T.vectorized(HALF):
+                lo[0, j] = lo[0, j] + lo[s, j]
+            for j in T.vectorized(HALF):
+                hi[0, j] = hi[0, j] + hi[s, j]
+        store_row(y, b, lo, hi, 0, 0, jo)
 
     if has_bias:
 
         @T.prim_func(private=True)
         def gemv(
             x: T.Buffer((1, k), "float32"),
-            w: T.Buffer((nblocks, k, nb), "float32"),
+            w: T.Buffer((nblocks, k, BLOCK_N), "float32"),
             b: T.Buffer((n,), "float32"),
             y: T.Buffer((1, n), "float32"),
         ):
@@ -258,7 +341,7 @@ def make_gemv(n: int, k: int, has_bias: bool) -> tirx.PrimFunc:
         @T.prim_func(private=True)
         def gemv(
             x: T.Buffer((1, k), "float32"),
-            w: T.Buffer((nblocks, k, nb), "float32"),
+            w: T.Buffer((nblocks, k, BLOCK_N), "float32"),
             y: T.Buffer((1, n), "float32"),
         ):
             T.func_attr(_kernel_attrs())
@@ -268,50 +351,72 @@ def make_gemv(n: int, k: int, has_bias: bool) -> tirx.PrimFunc:
     return gemv
 
 
-def make_gemm(n: int, k: int, has_bias: bool) -> tirx.PrimFunc:
+def make_gemm(n: int, k: int, has_bias: bool, threads: int = 1) -> tirx.PrimFunc:
     """The general kernel for symbolic M: ``y[m, n] = x[m, k] @ W^T (+ bias)``.
 
-    Schedule: parallel over N blocks; per block, the packed ``K x BLOCK_N`` weight panel
-    stays in L2 while the row tiles of x sweep over it. A ``GEMM_ROWS x BLOCK_N`` register
-    tile accumulates over all of K (one broadcast of x and one ``BLOCK_N`` vector load per
-    row and k), then is stored once with the bias added. The ``m % GEMM_ROWS`` remaining
-    rows use 4-, 2- and 1-row tiles of the same code (binary decomposition).
+    Schedule: per N block, the packed ``K x BLOCK_N`` weight panel stays in L2 while the
+    row tiles of x sweep over it. A ``GEMM_ROWS x BLOCK_N`` register tile accumulates over
+    all of K (per k: ``GEMM_ROWS`` broadcasts of x, one ``BLOCK_N`` weight row loaded once
+    and reused by every row), then is stored once with the bias added. The
+    ``m % GEMM_ROWS`` remaining rows use 4-, 2- and 1-row tiles of the same code.
+
+    The first tile to touch a panel would stall on DRAM (a panel is 147 KB for K = 576),
+    so every full tile also prefetches one cache line of the next panel per k step: the
+    first ``BLOCK_N / 16`` tiles of a panel pull in all of the next one, the later ones
+    re-touch it in L2 (cheap). This is worth ~10% on the lm_head shape (N = 49152).
+
+    The parallel loop runs over (N block, row part) pairs, the full row tiles being split
+    into ``threads`` equal parts, so every thread gets the same work even when the number
+    of N blocks is small or not a multiple of the thread count (N = 192 is 3 blocks).
     """
-    nblocks, nb, mr = -(-n // BLOCK_N), BLOCK_N, GEMM_ROWS
+    nblocks, mr, parts = -(-n // BLOCK_N), GEMM_ROWS, threads
+    lines = BLOCK_N // 16  # cache lines per weight row of a panel
     store_row = _row_store(n, has_bias)
 
     @T.macro
-    def tile(x, w, y, b, jo, row0, rows):
-        acc = T.alloc_buffer((rows, nb), "float32", scope="local")
-        for i in T.unroll(rows):
-            for j in T.vectorized(nb):
-                acc[i, j] = T.float32(0)
-        for kk in range(k):
-            for i in T.unroll(rows):
-                for j in T.vectorized(nb):
-                    acc[i, j] = acc[i, j] + x[row0 + i, kk] * w[jo, kk, j]
-        for i in T.unroll(rows):
-            store_row(y, b, acc, i, row0 + i, jo)
+    def prefetch_next_panel(w, jo, step):
+        # Cache line `step` (modulo the panel's k * lines lines) of the next panel. (No
+        # local variable: TVMScript would make it a heap buffer inside the parallel loop.)
+        _prefetch(
+            w,
+            T.min(jo + 1, nblocks - 1),
+            step % (k * lines) // lines,
+            step % lines * 16,
+        )
 
     @T.macro
-    def panel(x, w, y, b, m, jo):
-        for mo in range(m // mr):
-            tile(x, w, y, b, jo, mo * mr, mr)
+    def tile(x, w, y, b, jo, row0, rows, prefetch):
+        lo = T.alloc_buffer((rows, HALF), "float32", scope="global")
+        hi = T.alloc_buffer((rows, HALF), "float32", scope="global")
+        _zero(lo, hi, rows)
+        for kk in range(k):
+            if prefetch:
+                prefetch_next_panel(w, jo, row0 // mr * k + kk)
+            for i in T.unroll(rows):
+                _fma_row(lo, hi, i, x[row0 + i, kk], w, jo, kk)
+        for i in T.unroll(rows):
+            store_row(y, b, lo, hi, i, row0 + i, jo)
+
+    @T.macro
+    def panel_part(x, w, y, b, m, jo, part):
+        for mo in range(part * (m // mr) // parts, (part + 1) * (m // mr) // parts):
+            tile(x, w, y, b, jo, mo * mr, mr, True)
         # Remainder rows r = m % mr (< 8) as tiles of 4, 2, 1 rows: the t-row tile runs when
         # bit t of r is set, after the larger tiles, i.e. at (r // 2t) * 2t past the full tiles.
-        if m % mr // 4 % 2 == 1:
-            tile(x, w, y, b, jo, m // mr * mr, 4)
-        if m % mr // 2 % 2 == 1:
-            tile(x, w, y, b, jo, m // mr * mr + m % mr // 4 * 4, 2)
-        if m % mr % 2 == 1:
-            tile(x, w, y, b, jo, m // mr * mr + m % mr // 2 * 2, 1)
+        if part == parts - 1:
+            if m % mr // 4 % 2 == 1:
+                tile(x, w, y, b, jo, m // mr * mr, 4, False)
+            if m % mr // 2 % 2 == 1:
+                tile(x, w, y, b, jo, m // mr * mr + m % mr // 4 * 4, 2, False)
+            if m % mr % 2 == 1:
+                tile(x, w, y, b, jo, m // mr * mr + m % mr // 2 * 2, 1, False)
 
     if has_bias:
 
         @T.prim_func(private=True)
         def gemm(
             var_x: T.handle,
-            w: T.Buffer((nblocks, k, nb), "float32"),
+            w: T.Buffer((nblocks, k, BLOCK_N), "float32"),
             b: T.Buffer((n,), "float32"),
             var_y: T.handle,
         ):
@@ -319,50 +424,22 @@ def make_gemm(n: int, k: int, has_bias: bool) -> tirx.PrimFunc:
             m = T.int64()
             x = T.match_buffer(var_x, (m, k), "float32")
             y = T.match_buffer(var_y, (m, n), "float32")
-            for jo in T.parallel(nblocks):
-                panel(x, w, y, b, m, jo)
+            for task in T.parallel(nblocks * parts):
+                panel_part(x, w, y, b, m, task // parts, task % parts)
 
     else:
 
         @T.prim_func(private=True)
         def gemm(
             var_x: T.handle,
-            w: T.Buffer((nblocks, k, nb), "float32"),
+            w: T.Buffer((nblocks, k, BLOCK_N), "float32"),
             var_y: T.handle,
         ):
             T.func_attr(_kernel_attrs())
             m = T.int64()
             x = T.match_buffer(var_x, (m, k), "float32")
             y = T.match_buffer(var_y, (m, n), "float32")
-            for jo in T.parallel(nblocks):
-                panel(x, w, y, None, m, jo)
+            for task in T.parallel(nblocks * parts):
+                panel_part(x, w, y, None, m, task // parts, task % parts)
 
     return gemm
-
-
-def _row_store(n: int, has_bias: bool):
-    """A macro storing accumulator row ``i`` to ``y[row, block jo]``, adding the bias.
-
-    When N is a multiple of BLOCK_N the store is one unguarded vector store; otherwise the
-    last block is partial and every element store is guarded by ``col < n``.
-    """
-    nb = BLOCK_N
-    guarded = n % nb != 0
-
-    @T.macro
-    def store_row(y, b, acc, i, row, jo):
-        if guarded:
-            for j in range(nb):
-                if jo * nb + j < n:
-                    if has_bias:
-                        y[row, jo * nb + j] = acc[i, j] + b[jo * nb + j]
-                    else:
-                        y[row, jo * nb + j] = acc[i, j]
-        else:
-            for j in T.vectorized(nb):
-                if has_bias:
-                    y[row, jo * nb + j] = acc[i, j] + b[jo * nb + j]
-                else:
-                    y[row, jo * nb + j] = acc[i, j]
-
-    return store_row
