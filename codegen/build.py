@@ -10,7 +10,7 @@ import tvm
 
 from ..ir.graph import Module
 from ..targets import TargetSpec, check_arch
-from .relax_module import default_emit_linear, to_relax, weight_order
+from .relax_module import Kernels, default_emit_linear, to_relax, weight_order
 from .weight_layout import packed_weights
 
 
@@ -41,6 +41,7 @@ def compile_module(module: Module, spec: TargetSpec, arch: str | None = None) ->
     layout = spec.linear_weight_layout() if spec.linear_weight_layout else None
     packed = packed_weights(module) if layout is not None else set()
     with target:  # lowerings and compile callbacks read Target.current()
-        relax_mod = to_relax(module, spec.emit_linear or default_emit_linear, layout, packed)
+        kernels = Kernels(spec.emit_linear or default_emit_linear, spec.emit_attention)
+        relax_mod = to_relax(module, kernels, layout, packed)
         executable = tvm.compile(relax_mod, target)
     return CompiledLibrary(executable, target_dict, packed, layout)

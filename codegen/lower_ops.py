@@ -23,7 +23,8 @@ from ..ir.types import TVM_DTYPES, Dim, dim_symbols
 class LoweringContext:
     bb: relax.BlockBuilder
     symbols: dict[str, tirx.Var]
-    emit_linear: Callable  # (bb, x, w, bias) -> relax.Expr
+    emit_linear: Callable  # (bb, x, w, bias, out_features=None) -> relax.Expr
+    emit_attention: Callable | None  # (bb, q, k, v, heads=, kv_heads=, head_dim=, scale=, causal=); None: Relax ops
     types: dict  # IR value name -> TensorType, for lowerings that need their inputs' types
     packed: set = frozenset()  # IR values (weights) held in the target's packed linear layout
 
@@ -189,6 +190,9 @@ def _attention(ctx, node, args):
     bb = ctx.bb
     q, k, v = args
     heads, kv_heads = node.type.shape[2], ctx.types[node.inputs[1]].shape[2]
+    if ctx.emit_attention is not None:
+        return ctx.emit_attention(bb, q, k, v, heads=heads, kv_heads=kv_heads, head_dim=node.type.shape[3],
+                                  scale=node.attr["scale"], causal=node.attr.get("causal", True))
     if heads != kv_heads:
         k = bb.emit(relax.op.repeat(k, heads // kv_heads, axis=2))
         v = bb.emit(relax.op.repeat(v, heads // kv_heads, axis=2))

@@ -7,6 +7,7 @@ order. Symbolic dims become shared ``int64`` TIR vars per function.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import tvm
@@ -38,9 +39,9 @@ def _tensor_type(ctx: LoweringContext, type: TensorType) -> relax.TensorType:
 
 
 def _lower_function(bb: relax.BlockBuilder, func: Function, weights: list[tuple[str, TensorType]],
-                    emit_linear: Callable, packed: set[str]) -> None:
+                    kernels: Kernels, packed: set[str]) -> None:
     packed_values = {n.name for n in func.nodes if n.op == "weight" and n.attr["name"] in packed}
-    ctx = LoweringContext(bb, {}, emit_linear, func.types(), packed_values)
+    ctx = LoweringContext(bb, {}, kernels.emit_linear, kernels.emit_attention, func.types(), packed_values)
     inputs = [relax.Var(p.name, _tensor_type(ctx, p.type)) for p in func.params]
     weight_vars = {name: relax.Var(name.replace(".", "_"), _tensor_type(ctx, t)) for name, t in weights}
     with bb.function(func.name, inputs + list(weight_vars.values()), attrs={"num_input": len(inputs)}):
@@ -60,16 +61,24 @@ def _lower_function(bb: relax.BlockBuilder, func: Function, weights: list[tuple[
         bb.emit_func_output(result)
 
 
-def to_relax(module: Module, emit_linear: Callable = default_emit_linear, layout=None,
+@dataclass(frozen=True)
+class Kernels:
+    """The target's kernels for the hot ops (None: generic Relax ops)."""
+
+    emit_linear: Callable = default_emit_linear
+    emit_attention: Callable | None = None
+
+
+def to_relax(module: Module, kernels: Kernels = Kernels(), layout=None,
              packed: set[str] = frozenset()) -> tvm.IRModule:
     """The Relax IRModule of ``module`` (see the calling convention above).
 
     Weights in ``packed`` are parameters in ``layout`` (see codegen/weight_layout.py);
-    ``emit_linear`` and the embedding lowering read them in that layout.
+    the linear kernel and the embedding lowering read them in that layout.
     """
     weights = [(name, weight_param_type(module, name, layout if name in packed else None))
                for name in weight_order(module)]
     bb = relax.BlockBuilder()
     for func in module.functions.values():
-        _lower_function(bb, func, weights, emit_linear, packed)
+        _lower_function(bb, func, weights, kernels, packed)
     return bb.get()

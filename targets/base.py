@@ -21,6 +21,7 @@ class TargetSpec:
     tvm_target: Callable[[str | None], dict]  # arch (or None for the default) -> TVM target, dict form
     device_needs: str  # what must be installed on the device to load the artifact
     emit_linear: Callable | None = None  # (bb, x, w, bias, out_features=None) -> relax.Expr; None: Relax linear
+    emit_attention: Callable | None = None  # fused attention kernel; None: Relax ops
     linear_weight_layout: Callable[[], Any] | None = None  # () -> layout (pack, packed_shape, description)
     archs: tuple[str, ...] = field(default_factory=tuple)  # accepted --arch values (empty: free form)
 

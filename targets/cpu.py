@@ -25,6 +25,11 @@ def _emit_linear(bb, x, w, bias, out_features=None):
     return emit_linear(bb, x, w, bias, tvm.target.Target.current(), out_features=out_features)
 
 
+def _emit_attention(bb, q, k, v, **shape):
+    from ..codegen.kernels.cpu_attention import emit_attention
+    return emit_attention(bb, q, k, v, **shape)
+
+
 def _linear_weight_layout():
     from ..codegen.kernels.cpu_linear import WEIGHT_LAYOUT
     return WEIGHT_LAYOUT
@@ -38,5 +43,6 @@ TARGET = TargetSpec(
     tvm_target=cpu_target,
     device_needs="the TVM runtime (pip install apache-tvm), numpy, safetensors, tokenizers",
     emit_linear=_emit_linear,
+    emit_attention=_emit_attention,
     linear_weight_layout=_linear_weight_layout,
 )

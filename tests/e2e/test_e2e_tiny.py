@@ -36,6 +36,18 @@ def test_prefill_logits_match_transformers(tiny):
     np.testing.assert_allclose(logits, reference_logits(reference, PROMPT), atol=1e-4, rtol=0)
 
 
+def test_long_prompt_spanning_several_key_tiles(tiny):
+    """150 positions: attention kernels walk keys in tiles, so cross several tile boundaries."""
+    reference, folder = tiny
+    ids = np.random.default_rng(0).integers(0, 128, 150).tolist()
+    model = load(folder / "artifact")
+    logits, cache = model.prefill(np.array(ids[:140]))
+    np.testing.assert_allclose(logits, reference_logits(reference, ids[:140]), atol=1e-4, rtol=0)
+    for step in range(140, 150):
+        logits, cache = model.decode(ids[step], cache)
+    np.testing.assert_allclose(logits, reference_logits(reference, ids)[-1], atol=1e-4, rtol=0)
+
+
 def test_decode_with_kv_cache_matches_transformers(tiny):
     reference, folder = tiny
     model = load(folder / "artifact")

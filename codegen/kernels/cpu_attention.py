@@ -1,0 +1,84 @@
+"""Fused causal grouped-query attention for the CPU: one pass over the keys, online softmax.
+
+Per (query row, head) the kernel walks the keys in tiles of ``KEY_TILE``: a tile's scores are
+computed as vectors over the keys (``q[d]`` broadcast times a contiguous row of the transposed
+keys ``k_t[kv_head, d, :]``), masked, and folded into a running max / sum / output accumulator
+(the flash-attention recurrence), so no ``[heads, s, t]`` score matrix is ever materialized and
+the only buffers are a tile of scores and one output row (stack-sized, so LLVM keeps them in
+registers). Rows run in parallel. Query ``i`` of ``s`` sees keys ``j <= i + (t - s)``: the
+queries are the last ``s`` of ``t`` positions (prefill: s = t; decode: s = 1).
+"""
+
+from __future__ import annotations
+
+from tvm import relax, tirx
+from tvm.script import tirx as T
+
+KEY_TILE = 64
+"""Keys per tile: four AVX-512 vectors of scores."""
+
+_OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps leaves the kernel alone
+_NEG_INF = -3.0e38
+
+
+def make_attention(heads: int, kv_heads: int, head_dim: int, scale: float, causal: bool) -> tirx.PrimFunc:
+    """``o[1, s, heads, d] = softmax(q k^T * scale + causal mask) v`` with k given transposed."""
+    group, tile, dim = heads // kv_heads, KEY_TILE, head_dim
+
+    @T.macro
+    def row_attention(q, k_t, v, o, i, h, s, t):
+        acc = T.alloc_buffer((dim,), "float32", scope="global")
+        score = T.alloc_buffer((tile,), "float32", scope="global")
+        stats = T.alloc_buffer((3,), "float32", scope="global")  # running max, sum, previous max
+        for d in T.vectorized(dim):
+            acc[d] = T.float32(0)
+        stats[0] = T.float32(_NEG_INF)
+        stats[1] = T.float32(0)
+        for jt in range(T.ceildiv(T.min(i + (t - s) + 1, t) if causal else t, tile)):
+            for jj in T.vectorized(tile):
+                score[jj] = T.float32(0)
+            for d in range(dim):
+                for jj in T.vectorized(tile):
+                    score[jj] = score[jj] + q[0, i, h, d] * k_t[0, h // group, d, T.min(jt * tile + jj, t - 1)]
+            for jj in T.vectorized(tile):
+                score[jj] = T.if_then_else(
+                    jt * tile + jj < (T.min(i + (t - s) + 1, t) if causal else t),
+                    score[jj] * T.float32(scale), T.float32(_NEG_INF))
+            stats[2] = stats[0]
+            for jj in range(tile):
+                stats[0] = T.max(stats[0], score[jj])
+            for jj in T.vectorized(tile):
+                score[jj] = T.exp(score[jj] - stats[0])
+            stats[1] = stats[1] * T.exp(stats[2] - stats[0])
+            for jj in range(tile):
+                stats[1] = stats[1] + score[jj]
+            for d in T.vectorized(dim):
+                acc[d] = acc[d] * T.exp(stats[2] - stats[0])
+            for jj in range(tile):
+                for d in T.vectorized(dim):
+                    acc[d] = acc[d] + score[jj] * v[0, T.min(jt * tile + jj, t - 1), h // group, d]
+        for d in T.vectorized(dim):
+            o[0, i, h, d] = acc[d] / stats[1]
+
+    @T.prim_func(private=True)
+    def attention(var_q: T.handle, var_k_t: T.handle, var_v: T.handle, var_o: T.handle):
+        T.func_attr({"op_pattern": _OPAQUE, "tirx.noalias": True, "tirx.is_scheduled": True})
+        s = T.int64()
+        t = T.int64()
+        q = T.match_buffer(var_q, (1, s, heads, dim), "float32")
+        k_t = T.match_buffer(var_k_t, (1, kv_heads, dim, t), "float32")
+        v = T.match_buffer(var_v, (1, t, kv_heads, dim), "float32")
+        o = T.match_buffer(var_o, (1, s, heads, dim), "float32")
+        for row in T.parallel(s * heads):
+            row_attention(q, k_t, v, o, row // heads, row % heads, s, t)
+
+    return attention
+
+
+def emit_attention(bb: relax.BlockBuilder, q, k, v, *, heads: int, kv_heads: int, head_dim: int,
+                   scale: float, causal: bool) -> relax.Expr:
+    """q: [1, s, heads, d]; k, v: [1, t, kv_heads, d] -> [1, s, heads, d]."""
+    func = make_attention(heads, kv_heads, head_dim, scale, causal)
+    gv = bb.add_func(func, f"attention_h{heads}_kv{kv_heads}_d{head_dim}{'_causal' if causal else ''}")
+    k_t = bb.emit(relax.op.permute_dims(k, [0, 2, 3, 1]))
+    return relax.call_tir(gv, [q, k_t, v], relax.TensorType(q.ty.shape, "float32"))
