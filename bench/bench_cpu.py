@@ -57,7 +57,7 @@ def _llmopt_steps(artifact: str):
 
     def prefill(ids):
         logits, cache = model.prefill(np.asarray(ids, dtype=np.int32))
-        return int(logits[-1].argmax()), cache
+        return int(logits.argmax()), cache
 
     def decode(token, cache):
         logits, cache = model.decode(token, cache)
@@ -76,7 +76,7 @@ def _torch_steps(hf_folder: str, threads: int):
 
     @torch.inference_mode()
     def prefill(ids):
-        out = model(torch.tensor([ids]), use_cache=True)
+        out = model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)  # as generate() does
         return int(out.logits[0, -1].argmax()), out.past_key_values
 
     @torch.inference_mode()

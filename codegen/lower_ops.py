@@ -121,6 +121,13 @@ def _slice(ctx, node, args):
     return relax.op.strided_slice(args[0], axes=[axis], begin=[a["start"]], end=[a["end"]])
 
 
+@lowers("take_last")
+def _take_last(ctx, node, args):
+    axis = node.attr["axis"] % node.type.rank
+    size = ctx.dim(ctx.types[node.inputs[0]].shape[axis])
+    return relax.op.strided_slice(args[0], axes=[axis], begin=[size - 1], end=[size])
+
+
 @lowers("matmul")
 def _matmul(ctx, node, args):
     return relax.op.matmul(args[0], args[1])

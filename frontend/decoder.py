@@ -124,7 +124,7 @@ class _DecoderEmitter:
             act = b.add("mul", b.add("silu", gate), up)
         return self.linear(act, WEIGHT_NAMES["down"].format(i=i), s.mlp_bias)
 
-    def emit(self, with_past: bool) -> Function:
+    def emit(self, with_past: bool, all_logits: bool = False, with_cache: bool = True) -> Function:
         s, b = self.spec, self.b
         seq = 1 if with_past else "seq"
         ids = b.param("ids", TensorType("i32", (1, seq)))
@@ -146,25 +146,36 @@ class _DecoderEmitter:
             with b.at(source=LAYER.format(i=i).rstrip(".")):
                 h = b.add("add", h, mlp)
             caches.append((k, v))
+        if not all_logits:  # generation needs the next token's logits only
+            with b.at(source="model.norm"):
+                h = b.add("take_last", h, axis=1)
         h = self.rms_norm(h, WEIGHT_NAMES["final_norm"])
         head = WEIGHT_NAMES["embed" if s.tie_word_embeddings else "lm_head"]
         with b.at(source="lm_head"):
             logits = b.add("linear", h, self.weight(head))
         b.output("logits", logits)
-        for i, (k, v) in enumerate(caches):
+        for i, (k, v) in enumerate(caches if with_cache else ()):
             b.output(f"k.{i}", k)
             b.output(f"v.{i}", v)
         return b.finish()
 
 
-def build_module(spec: DecoderSpec, weights: WeightStore, meta: dict | None = None) -> Module:
-    """The IR of a decoder: ``prefill(ids, pos)`` and ``decode(ids, pos, k.*, v.*)``.
+ENTRY_POINTS = {  # name: (takes the KV cache, logits of every position, returns the KV cache)
+    "prefill": (False, False, True),
+    "decode": (True, False, True),
+    "logits": (False, True, False),
+}
 
-    Both return ``logits`` and the KV cache (``k.i``/``v.i``: f32[1, tokens so far, kv_heads,
-    head_dim]); decode's cache is the one it was given plus the new token.
+
+def build_module(spec: DecoderSpec, weights: WeightStore, meta: dict | None = None) -> Module:
+    """The IR of a decoder: ``prefill(ids, pos)``, ``decode(ids, pos, k.*, v.*)`` and ``logits(ids, pos)``.
+
+    prefill and decode return the next token's ``logits`` f32[1, 1, vocab] and the KV cache
+    (``k.i``/``v.i``: f32[1, tokens so far, kv_heads, head_dim]); decode's cache is the one it
+    was given plus the new token. ``logits`` scores every position (for perplexity) and keeps no cache.
     """
-    functions = {name: _DecoderEmitter(spec, weights, Builder(name, created_by="")).emit(with_past)
-                 for name, with_past in (("prefill", False), ("decode", True))}
+    functions = {name: _DecoderEmitter(spec, weights, Builder(name, created_by="")).emit(*flags)
+                 for name, flags in ENTRY_POINTS.items()}
     info = {"decoder": spec.to_json(),
             "kv_cache": {"layers": spec.num_layers, "kv_heads": spec.num_kv_heads,
                          "head_dim": spec.head_dim, "dtype": "f32"}}

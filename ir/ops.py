@@ -390,3 +390,19 @@ register("attention", 3, _infer_attention, _attention_ref, attrs=("scale",), opt
          doc="grouped-query scaled dot-product attention; causal with the queries at the end of keys")
 
 register("weight", 0, None, None, attrs=("name",), doc="an external weight, by name")
+
+
+def _infer_take_last(types, attrs):
+    t = types[0]
+    axis = _norm_axis(attrs["axis"], t.rank, "take_last")
+    return t.with_shape([1 if i == axis else d for i, d in enumerate(t.shape)])
+
+
+def _take_last_ref(args, attrs, env):
+    index = [slice(None)] * args[0].ndim
+    index[attrs["axis"]] = slice(-1, None)
+    return args[0][tuple(index)]
+
+
+register("take_last", 1, _infer_take_last, _take_last_ref, attrs=("axis",),
+         doc="the last element along axis, keeping the axis (e.g. the last token's hidden state)")

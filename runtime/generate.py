@@ -48,7 +48,6 @@ def _generate(
         return
     rng = np.random.default_rng(seed)
     logits, cache = model.prefill(prompt)
-    logits = logits[-1]
     for step in range(max_new_tokens):
         token = sample_next(logits, temperature=temperature, top_p=top_p, rng=rng)
         if token in stop:

@@ -22,7 +22,7 @@ from .errors import ArtifactError
 from .manifest import Manifest, read_manifest, resolve, verify
 from .tokenizer import Tokenizer
 
-_ENTRY_POINTS = ("prefill", "decode")
+_ENTRY_POINTS = ("prefill", "decode", "logits")
 # LLVM CPU features that are instruction sets (the others are tuning hints, safe to lack).
 _ISA_PREFIXES = (
     "sse", "ssse3", "avx", "amx", "fma", "f16c", "bmi", "neon", "sve", "dotprod", "i8mm"
@@ -57,6 +57,7 @@ class CompiledModel:
         self._dev = tvm.cpu()
         self._prefill = vm["prefill"]
         self._decode = vm["decode"]
+        self._logits = vm["logits"]
         self._weights = weights
 
     @property
@@ -70,12 +71,12 @@ class CompiledModel:
         return self.config.get("vocab_size")
 
     def prefill(self, ids: np.ndarray) -> tuple[np.ndarray, KVCache]:
-        """Run the prompt `ids` (1-D ints) from position 0: logits [n, vocab] and the cache."""
+        """Run the prompt `ids` (1-D ints) from position 0: the next token's logits [vocab] and the cache."""
         ids = self._check_ids(ids)
         n = ids.shape[0]
         pos = np.arange(n, dtype=np.int32)
         out = self._prefill(self._tensor(ids.reshape(1, n)), self._tensor(pos), *self._weights)
-        return out[0].numpy()[0], self._cache(out, n)
+        return out[0].numpy()[0, -1], self._cache(out, n)
 
     def decode(self, token_id: int, cache: KVCache) -> tuple[np.ndarray, KVCache]:
         """Run one token after `cache`: logits [vocab] and the cache one row longer."""
@@ -94,8 +95,11 @@ class CompiledModel:
         return out[0].numpy()[0, 0], self._cache(out, cache.length + 1)
 
     def forward_logits(self, ids: np.ndarray) -> np.ndarray:
-        """Logits [n, vocab] for every position of `ids` (prefill only; for perplexity)."""
-        return self.prefill(ids)[0]
+        """Logits [n, vocab] for every position of `ids`, from an empty cache (for perplexity)."""
+        ids = self._check_ids(ids)
+        out = self._logits(self._tensor(ids[None, :]), self._tensor(np.arange(len(ids), dtype=np.int32)),
+                           *self._weights)
+        return out[0].numpy()[0]
 
     def _tensor(self, array: np.ndarray) -> Any:
         return self._tvm.runtime.tensor(array, self._dev)

@@ -11,7 +11,7 @@ queries are the last ``s`` of ``t`` positions (prefill: s = t; decode: s = 1).
 
 from __future__ import annotations
 
-from tvm import relax, tirx
+from tvm import relax, te, tirx
 from tvm.script import tirx as T
 
 KEY_TILE = 64
@@ -39,7 +39,7 @@ def make_attention(heads: int, kv_heads: int, head_dim: int, scale: float, causa
                 score[jj] = T.float32(0)
             for d in range(dim):
                 for jj in T.vectorized(tile):
-                    score[jj] = score[jj] + q[0, i, h, d] * k_t[0, h // group, d, T.min(jt * tile + jj, t - 1)]
+                    score[jj] = score[jj] + q[0, i, h, d] * k_t[0, h // group, d, jt * tile + jj]
             for jj in T.vectorized(tile):
                 score[jj] = T.if_then_else(
                     jt * tile + jj < (T.min(i + (t - s) + 1, t) if causal else t),
@@ -65,8 +65,9 @@ def make_attention(heads: int, kv_heads: int, head_dim: int, scale: float, causa
         T.func_attr({"op_pattern": _OPAQUE, "tirx.noalias": True, "tirx.is_scheduled": True})
         s = T.int64()
         t = T.int64()
+        t_padded = T.int64()
         q = T.match_buffer(var_q, (1, s, heads, dim), "float32")
-        k_t = T.match_buffer(var_k_t, (1, kv_heads, dim, t), "float32")
+        k_t = T.match_buffer(var_k_t, (1, kv_heads, dim, t_padded), "float32")
         v = T.match_buffer(var_v, (1, t, kv_heads, dim), "float32")
         o = T.match_buffer(var_o, (1, s, heads, dim), "float32")
         for row in T.parallel(s * heads):
@@ -75,10 +76,21 @@ def make_attention(heads: int, kv_heads: int, head_dim: int, scale: float, causa
     return attention
 
 
+def transpose_keys_te(k: te.Tensor) -> te.Tensor:
+    """k [1, t, kv_heads, d] -> [1, kv_heads, d, t rounded up to KEY_TILE], zero-padded, so that
+    every key tile is one contiguous vector load with no bounds clamp."""
+    t = k.shape[1]
+    padded = (t + KEY_TILE - 1) // KEY_TILE * KEY_TILE
+    return te.compute((1, k.shape[2], k.shape[3], padded),
+                      lambda b, g, d, j: tirx.if_then_else(j < t, k[b, tirx.min(j, t - 1), g, d],
+                                                          tirx.const(0, k.dtype)),
+                      name="transpose_keys")
+
+
 def emit_attention(bb: relax.BlockBuilder, q, k, v, *, heads: int, kv_heads: int, head_dim: int,
                    scale: float, causal: bool) -> relax.Expr:
     """q: [1, s, heads, d]; k, v: [1, t, kv_heads, d] -> [1, s, heads, d]."""
     func = make_attention(heads, kv_heads, head_dim, scale, causal)
     gv = bb.add_func(func, f"attention_h{heads}_kv{kv_heads}_d{head_dim}{'_causal' if causal else ''}")
-    k_t = bb.emit(relax.op.permute_dims(k, [0, 2, 3, 1]))
+    k_t = bb.emit_te(transpose_keys_te, k, primfunc_name_hint="transpose_keys")
     return relax.call_tir(gv, [q, k_t, v], relax.TensorType(q.ty.shape, "float32"))

@@ -48,10 +48,12 @@ def reference_logits(model, ids) -> np.ndarray:
 
 def test_prefill_and_16_decode_steps_match_transformers(artifact, reference):
     ids = artifact.tokenizer.encode(PROMPT)
+    expected = reference_logits(reference, ids)
+    np.testing.assert_allclose(artifact.forward_logits(np.array(ids)), expected, atol=1e-3, rtol=0)
     logits, cache = artifact.prefill(np.array(ids))
-    np.testing.assert_allclose(logits, reference_logits(reference, ids), atol=1e-3, rtol=0)
+    np.testing.assert_allclose(logits, expected[-1], atol=1e-3, rtol=0)
     for _ in range(16):
-        ids.append(int(np.argmax(logits[-1] if logits.ndim == 2 else logits)))
+        ids.append(int(np.argmax(logits)))
         logits, cache = artifact.decode(ids[-1], cache)
         np.testing.assert_allclose(logits, reference_logits(reference, ids)[-1], atol=1e-3, rtol=0)
 

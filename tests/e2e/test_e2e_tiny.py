@@ -32,8 +32,11 @@ def reference_logits(model, ids) -> np.ndarray:
 
 def test_prefill_logits_match_transformers(tiny):
     reference, folder = tiny
-    logits, _ = load(folder / "artifact").prefill(np.array(PROMPT))
-    np.testing.assert_allclose(logits, reference_logits(reference, PROMPT), atol=1e-4, rtol=0)
+    model = load(folder / "artifact")
+    expected = reference_logits(reference, PROMPT)
+    logits, _ = model.prefill(np.array(PROMPT))
+    np.testing.assert_allclose(logits, expected[-1], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(model.forward_logits(np.array(PROMPT)), expected, atol=1e-4, rtol=0)
 
 
 def test_long_prompt_spanning_several_key_tiles(tiny):
@@ -41,8 +44,9 @@ def test_long_prompt_spanning_several_key_tiles(tiny):
     reference, folder = tiny
     ids = np.random.default_rng(0).integers(0, 128, 150).tolist()
     model = load(folder / "artifact")
+    np.testing.assert_allclose(model.forward_logits(np.array(ids[:140])), reference_logits(reference, ids[:140]),
+                               atol=1e-4, rtol=0)
     logits, cache = model.prefill(np.array(ids[:140]))
-    np.testing.assert_allclose(logits, reference_logits(reference, ids[:140]), atol=1e-4, rtol=0)
     for step in range(140, 150):
         logits, cache = model.decode(ids[step], cache)
     np.testing.assert_allclose(logits, reference_logits(reference, ids)[-1], atol=1e-4, rtol=0)
@@ -54,7 +58,7 @@ def test_decode_with_kv_cache_matches_transformers(tiny):
     logits, cache = model.prefill(np.array(PROMPT))
     ids = list(PROMPT)
     for _ in range(DECODE_STEPS):
-        ids.append(int(np.argmax(logits[-1] if logits.ndim == 2 else logits)))
+        ids.append(int(np.argmax(logits)))
         logits, cache = model.decode(ids[-1], cache)
         assert len(cache) == len(ids)
         np.testing.assert_allclose(logits, reference_logits(reference, ids)[-1], atol=1e-4, rtol=0)
@@ -73,6 +77,6 @@ def test_interpreter_matches_artifact(tiny):
     _, folder = tiny
     module = load_hf_folder(folder / "hf")
     ids = np.array([PROMPT], dtype=np.int32)
-    expected = run_module(module, "prefill", {"ids": ids, "pos": np.arange(len(PROMPT), dtype=np.int32)})["logits"]
-    logits, _ = load(folder / "artifact").prefill(np.array(PROMPT))
+    expected = run_module(module, "logits", {"ids": ids, "pos": np.arange(len(PROMPT), dtype=np.int32)})["logits"]
+    logits = load(folder / "artifact").forward_logits(np.array(PROMPT))
     np.testing.assert_allclose(logits, expected[0], atol=1e-4, rtol=0)

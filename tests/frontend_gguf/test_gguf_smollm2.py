@@ -13,7 +13,7 @@ from llmopt.ir.interp import run_module
 
 def _prefill_logits(module, ids: np.ndarray) -> np.ndarray:
     pos = np.arange(ids.shape[1], dtype=np.int32)
-    return run_module(module, "prefill", {"ids": ids, "pos": pos})["logits"]
+    return run_module(module, "logits", {"ids": ids, "pos": pos})["logits"]
 
 
 def test_gguf_smollm2_spec(smollm2_from_gguf):

@@ -46,8 +46,8 @@ def test_gguf_prefill_logits_equal_hf_prefill_logits(both_imports):
     from_gguf, from_hf = both_imports
     ids = np.array([[3, 17, 42, 5, 88, 1]], np.int32)
     pos = np.arange(6, dtype=np.int32) + 3000  # far positions, where Llama 3 scaling changes the rotation
-    got = run_module(from_gguf, "prefill", {"ids": ids, "pos": pos})["logits"]
-    want = run_module(from_hf, "prefill", {"ids": ids, "pos": pos})["logits"]
+    got = run_module(from_gguf, "logits", {"ids": ids, "pos": pos})["logits"]
+    want = run_module(from_hf, "logits", {"ids": ids, "pos": pos})["logits"]
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
 
 

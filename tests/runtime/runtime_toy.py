@@ -56,7 +56,7 @@ def toy_greedy(prompt, steps: int) -> list[int]:
 
 
 def build_toy_executable():
-    """Compile the toy's `prefill` and `decode` Relax functions for the CPU."""
+    """Compile the toy's `prefill`, `logits` and `decode` Relax functions for the CPU."""
     import tvm
     from tvm import relax, tirx
     from tvm.relax import op as R
@@ -73,24 +73,28 @@ def build_toy_executable():
 
     bb = relax.BlockBuilder()
     n = tirx.Var("n", "int64")
-    ids = relax.Var("ids", relax.TensorType((1, n), "int32"))
-    pos = relax.Var("pos", relax.TensorType((n,), "int32"))
-    ws = weight_vars()
-    with bb.function("prefill", [ids, pos, *ws]):
-        with bb.dataflow():
-            x = embed(bb, ws, ids, pos, n)
-            causal = R.less_equal(R.expand_dims(pos, 0), R.expand_dims(pos, 1))
-            causal = bb.emit(R.astype(causal, "float32"))
-            h, cache = x, []
-            for i in range(LAYERS):
-                k = bb.emit(R.matmul(x, ws[1 + 2 * i]))
-                v = bb.emit(R.matmul(x, ws[2 + 2 * i]))
-                cache += [R.reshape(k, (1, n, 1, HIDDEN)), R.reshape(v, (1, n, 1, HIDDEN))]
-                kv = R.add(v, R.multiply(k, relax.const(0.5)))
-                h = bb.emit(R.add(h, R.matmul(causal, kv)))
-            logits = R.matmul(h, R.permute_dims(ws[-1]))
-            out = bb.emit_output(relax.Tuple([logits, *cache]))
-        bb.emit_func_output(out)
+    # prefill: the next token's logits and the cache; logits: every position's logits, no cache
+    for name, last_only, with_cache in (("prefill", True, True), ("logits", False, False)):
+        ids = relax.Var("ids", relax.TensorType((1, n), "int32"))
+        pos = relax.Var("pos", relax.TensorType((n,), "int32"))
+        ws = weight_vars()
+        with bb.function(name, [ids, pos, *ws]):
+            with bb.dataflow():
+                x = embed(bb, ws, ids, pos, n)
+                causal = R.less_equal(R.expand_dims(pos, 0), R.expand_dims(pos, 1))
+                causal = bb.emit(R.astype(causal, "float32"))
+                h, cache = x, []
+                for i in range(LAYERS):
+                    k = bb.emit(R.matmul(x, ws[1 + 2 * i]))
+                    v = bb.emit(R.matmul(x, ws[2 + 2 * i]))
+                    cache += [R.reshape(k, (1, n, 1, HIDDEN)), R.reshape(v, (1, n, 1, HIDDEN))]
+                    kv = R.add(v, R.multiply(k, relax.const(0.5)))
+                    h = bb.emit(R.add(h, R.matmul(causal, kv)))
+                if last_only:
+                    h = bb.emit(R.strided_slice(h, axes=[1], begin=[n - 1], end=[n]))
+                logits = R.matmul(h, R.permute_dims(ws[-1]))
+                out = bb.emit_output(relax.Tuple([logits, *(cache if with_cache else [])]))
+            bb.emit_func_output(out)
 
     past = tirx.Var("past", "int64")
     ids = relax.Var("ids", relax.TensorType((1, 1), "int32"))
@@ -137,6 +141,7 @@ def toy_manifest_fields() -> dict:
         "entry_points": [
             {"name": "prefill", "inputs": [{"name": "ids", "dtype": "int32", "shape": [1, "n"]}]},
             {"name": "decode", "inputs": [{"name": "k_0", **cache_type}]},
+            {"name": "logits", "inputs": [{"name": "ids", "dtype": "int32", "shape": [1, "n"]}]},
         ],
         "kv_cache": {"layers": LAYERS, "kv_heads": 1, "head_dim": HIDDEN, "dtype": "float32"},
         "tokenizer": {"bos_token_id": BOS, "eos_token_ids": [EOS], "add_bos": True},
