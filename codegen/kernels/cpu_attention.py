@@ -11,6 +11,8 @@ queries are the last ``s`` of ``t`` positions (prefill: s = t; decode: s = 1).
 
 from __future__ import annotations
 
+from functools import cache
+
 from tvm import relax, te, tirx
 from tvm.script import tirx as T
 
@@ -21,6 +23,7 @@ _OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps leaves the kernel alone
 _NEG_INF = -3.0e38
 
 
+@cache  # one kernel per shape, asked for by every layer
 def make_attention(heads: int, kv_heads: int, head_dim: int, scale: float, causal: bool) -> tirx.PrimFunc:
     """``o[1, s, heads, d] = softmax(q k^T * scale + causal mask) v`` with k given transposed."""
     group, tile, dim = heads // kv_heads, KEY_TILE, head_dim

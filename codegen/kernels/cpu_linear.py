@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from functools import reduce
+from functools import cache, reduce
 
 import numpy as np
 import tvm
@@ -293,6 +293,7 @@ def _row_store(n: int, has_bias: bool):
     return store_row
 
 
+@cache  # a model asks for the same few shapes hundreds of times; TVMScript parsing is slow
 def make_gemv(n: int, k: int, has_bias: bool) -> tirx.PrimFunc:
     """The M == 1 kernel: ``y[1, n] = x[1, k] @ W^T (+ bias)`` on the packed weight.
 
@@ -351,6 +352,7 @@ def make_gemv(n: int, k: int, has_bias: bool) -> tirx.PrimFunc:
     return gemv
 
 
+@cache
 def make_gemm(n: int, k: int, has_bias: bool, threads: int = 1) -> tirx.PrimFunc:
     """The general kernel for symbolic M: ``y[m, n] = x[m, k] @ W^T (+ bias)``.
 
