@@ -33,6 +33,19 @@ class CompiledLibrary:
         return {"packed": sorted(self.packed), "layout": self.layout.description} if self.packed else {}
 
 
+def relax_pipeline(spec: TargetSpec, target: tvm.target.Target):
+    """TVM's default Relax pipeline for the target, with the target's schedule rules applied to
+    the fused PrimFuncs between legalization and lowering (kernels of ours are left alone)."""
+    if spec.schedule_rules is None:
+        return "default"
+    from tvm.relax.backend.cpu_generic import pipeline as stages
+    from tvm.s_tir import dlight
+    return tvm.transform.Sequential(
+        stages.library_dispatch_passes(target) + stages.legalize_passes(target)
+        + [dlight.ApplyDefaultSchedule(*spec.schedule_rules())]
+        + stages.dataflow_lower_passes(target) + stages.finalize_passes(target))
+
+
 def compile_module(module: Module, spec: TargetSpec, arch: str | None = None) -> CompiledLibrary:
     """Compile ``module`` for ``spec`` (and ``arch``); weights stay out of the library."""
     check_arch(spec, arch)
@@ -43,5 +56,5 @@ def compile_module(module: Module, spec: TargetSpec, arch: str | None = None) ->
     with target:  # lowerings and compile callbacks read Target.current()
         kernels = Kernels(spec.emit_linear or default_emit_linear, spec.emit_attention)
         relax_mod = to_relax(module, kernels, layout, packed)
-        executable = tvm.compile(relax_mod, target)
+        executable = tvm.compile(relax_mod, target, relax_pipeline=relax_pipeline(spec, target))
     return CompiledLibrary(executable, target_dict, packed, layout)

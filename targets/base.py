@@ -22,6 +22,7 @@ class TargetSpec:
     device_needs: str  # what must be installed on the device to load the artifact
     emit_linear: Callable | None = None  # (bb, x, w, bias, out_features=None) -> relax.Expr; None: Relax linear
     emit_attention: Callable | None = None  # fused attention kernel; None: Relax ops
+    schedule_rules: Callable[[], list] | None = None  # () -> dlight-style rules for the remaining PrimFuncs
     linear_weight_layout: Callable[[], Any] | None = None  # () -> layout (pack, packed_shape, description)
     archs: tuple[str, ...] = field(default_factory=tuple)  # accepted --arch values (empty: free form)
 

@@ -30,6 +30,11 @@ def _emit_attention(bb, q, k, v, **shape):
     return emit_attention(bb, q, k, v, **shape)
 
 
+def _schedule_rules():
+    from ..codegen.kernels.cpu_fallback import CPUFallback
+    return [CPUFallback()]
+
+
 def _linear_weight_layout():
     from ..codegen.kernels.cpu_linear import WEIGHT_LAYOUT
     return WEIGHT_LAYOUT
@@ -44,5 +49,6 @@ TARGET = TargetSpec(
     device_needs="the TVM runtime (pip install apache-tvm), numpy, safetensors, tokenizers",
     emit_linear=_emit_linear,
     emit_attention=_emit_attention,
+    schedule_rules=_schedule_rules,
     linear_weight_layout=_linear_weight_layout,
 )

@@ -79,6 +79,78 @@ def make_attention(heads: int, kv_heads: int, head_dim: int, scale: float, causa
     return attention
 
 
+def _fold_half(width: int):
+    """prod[:width] += prod[width:2 * width], as one vector add."""
+    @T.macro
+    def fold(prod):
+        for d in T.vectorized(width):
+            prod[d] = prod[d] + prod[d + width]
+    return fold
+
+
+@T.macro
+def _nothing(prod):
+    T.evaluate(0)
+
+
+@cache
+def make_decode_attention(heads: int, kv_heads: int, head_dim: int, scale: float) -> tirx.PrimFunc:
+    """The one-query case (decode): keys are read in the cache's own layout, no transpose.
+
+    Each score is a dot product over ``head_dim`` (vector multiply, then halving vector adds
+    down to one vector, then a short serial sum); the rest is the same online softmax, one key
+    at a time. The single query sees every key, so there is no mask.
+    """
+    group, dim = heads // kv_heads, head_dim
+    halvings = []
+    width = dim
+    while width % 2 == 0 and width > 16 and len(halvings) < 3:
+        width //= 2
+        halvings.append(_fold_half(width))
+    halvings += [_nothing] * (3 - len(halvings))
+    fold0, fold1, fold2 = halvings
+
+    @T.macro
+    def head_attention(q, k, v, o, h, t):
+        acc = T.alloc_buffer((dim,), "float32", scope="global")
+        prod = T.alloc_buffer((dim,), "float32", scope="global")
+        stats = T.alloc_buffer((4,), "float32", scope="global")  # max, sum, previous max, score
+        for d in T.vectorized(dim):
+            acc[d] = T.float32(0)
+        stats[0] = T.float32(_NEG_INF)
+        stats[1] = T.float32(0)
+        for j in range(t):
+            for d in T.vectorized(dim):
+                prod[d] = q[0, 0, h, d] * k[0, j, h // group, d]
+            fold0(prod)
+            fold1(prod)
+            fold2(prod)
+            stats[3] = T.float32(0)
+            for d in range(width):
+                stats[3] = stats[3] + prod[d]
+            stats[3] = stats[3] * T.float32(scale)
+            stats[2] = stats[0]
+            stats[0] = T.max(stats[0], stats[3])
+            stats[3] = T.exp(stats[3] - stats[0])
+            stats[1] = stats[1] * T.exp(stats[2] - stats[0]) + stats[3]
+            for d in T.vectorized(dim):
+                acc[d] = acc[d] * T.exp(stats[2] - stats[0]) + stats[3] * v[0, j, h // group, d]
+        for d in T.vectorized(dim):
+            o[0, 0, h, d] = acc[d] / stats[1]
+
+    @T.prim_func(private=True)
+    def decode_attention(q: T.Buffer((1, 1, heads, dim), "float32"), var_k: T.handle, var_v: T.handle,
+                         o: T.Buffer((1, 1, heads, dim), "float32")):
+        T.func_attr({"op_pattern": _OPAQUE, "tirx.noalias": True, "tirx.is_scheduled": True})
+        t = T.int64()
+        k = T.match_buffer(var_k, (1, t, kv_heads, dim), "float32")
+        v = T.match_buffer(var_v, (1, t, kv_heads, dim), "float32")
+        for h in T.parallel(heads):
+            head_attention(q, k, v, o, h, t)
+
+    return decode_attention
+
+
 def transpose_keys_te(k: te.Tensor) -> te.Tensor:
     """k [1, t, kv_heads, d] -> [1, kv_heads, d, t rounded up to KEY_TILE], zero-padded, so that
     every key tile is one contiguous vector load with no bounds clamp."""
@@ -93,6 +165,10 @@ def transpose_keys_te(k: te.Tensor) -> te.Tensor:
 def emit_attention(bb: relax.BlockBuilder, q, k, v, *, heads: int, kv_heads: int, head_dim: int,
                    scale: float, causal: bool) -> relax.Expr:
     """q: [1, s, heads, d]; k, v: [1, t, kv_heads, d] -> [1, s, heads, d]."""
+    if isinstance(q.ty.shape.values[1], tirx.IntImm) and int(q.ty.shape.values[1]) == 1:
+        gv = bb.add_func(make_decode_attention(heads, kv_heads, head_dim, scale),
+                         f"decode_attention_h{heads}_kv{kv_heads}_d{head_dim}")
+        return relax.call_tir(gv, [q, k, v], relax.TensorType(q.ty.shape, "float32"))
     func = make_attention(heads, kv_heads, head_dim, scale, causal)
     gv = bb.add_func(func, f"attention_h{heads}_kv{kv_heads}_d{head_dim}{'_causal' if causal else ''}")
     k_t = bb.emit_te(transpose_keys_te, k, primfunc_name_hint="transpose_keys")
