@@ -7,12 +7,12 @@ the causal mask) are written as TE computes; ``linear`` goes through the target'
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import tvm
-from tvm import relax, te, tirx
+from tvm import relax, te, tirx, topi
 
 from ..ir.graph import Node
 from ..ir.rope import rope_attrs_inv_freq
@@ -27,6 +27,7 @@ class LoweringContext:
     emit_attention: Callable | None  # (bb, q, k, v, heads=, kv_heads=, head_dim=, scale=, causal=); None: Relax ops
     types: dict  # IR value name -> TensorType, for lowerings that need their inputs' types
     packed: set = frozenset()  # IR values (weights) held in the target's packed linear layout
+    memo: dict = field(default_factory=dict)  # values a lowering computes once per function
 
     def dim(self, dim: Dim):
         """An IR dim as a TIR expression (ints stay ints)."""
@@ -60,7 +61,7 @@ _BINARY = {"add": relax.op.add, "sub": relax.op.subtract, "mul": relax.op.multip
            "div": relax.op.divide, "maximum": relax.op.maximum, "minimum": relax.op.minimum}
 _UNARY = {"neg": relax.op.negative, "exp": relax.op.exp, "sqrt": relax.op.sqrt, "rsqrt": relax.op.rsqrt,
           "tanh": relax.op.tanh, "sin": relax.op.sin, "cos": relax.op.cos, "sigmoid": relax.op.sigmoid,
-          "silu": relax.op.nn.silu, "relu": relax.op.nn.relu}
+          "relu": relax.op.nn.relu}
 
 for _name, _fn in _BINARY.items():
     LOWERINGS[_name] = lambda ctx, node, args, fn=_fn: fn(args[0], args[1])
@@ -165,14 +166,22 @@ def _linear(ctx, node, args):
     return ctx.emit_linear(ctx.bb, args[0], args[1], bias)
 
 
-def _rope_te(x: te.Tensor, pos: te.Tensor, inv_freq: te.Tensor):
+def _rope_table_te(pos: te.Tensor, inv_freq: te.Tensor):
+    """[2, seq, half]: cos and sin of pos * inv_freq, computed once per entry point."""
+    def value(c, s, f):
+        angle = tirx.Cast("float32", pos[s]) * inv_freq[f]
+        return tirx.Select(c == 0, tirx.cos(angle), tirx.sin(angle))
+    return te.compute((2, pos.shape[0], inv_freq.shape[0]), value, name="rope_table")
+
+
+def _apply_rope_te(x: te.Tensor, table: te.Tensor):
     half = x.shape[-1] // 2
 
     def value(b, s, h, d):
-        angle = tirx.Cast("float32", pos[s]) * inv_freq[tirx.floormod(d, half)]
         rotated = tirx.Select(d < half, -x[b, s, h, tirx.min(d + half, x.shape[-1] - 1)],
                               x[b, s, h, tirx.max(d - half, 0)])
-        return x[b, s, h, d] * tirx.cos(angle) + rotated * tirx.sin(angle)
+        f = tirx.floormod(d, half)
+        return x[b, s, h, d] * table[0, s, f] + rotated * table[1, s, f]
 
     return te.compute(x.shape, value, name="rope")
 
@@ -180,8 +189,22 @@ def _rope_te(x: te.Tensor, pos: te.Tensor, inv_freq: te.Tensor):
 @lowers("rope")
 def _rope(ctx, node, args):
     head_dim = node.type.shape[-1]
-    inv_freq = relax.const(rope_attrs_inv_freq(head_dim, node.attr).astype(np.float32))
-    return ctx.bb.emit_te(_rope_te, args[0], args[1], inv_freq, primfunc_name_hint="rope")
+    key = ("rope_table", node.inputs[1], head_dim, node.attrs)
+    if key not in ctx.memo:  # every layer's q and k share one table
+        inv_freq = relax.const(rope_attrs_inv_freq(head_dim, node.attr).astype(np.float32))
+        ctx.memo[key] = ctx.bb.emit_te(_rope_table_te, args[1], inv_freq, primfunc_name_hint="rope_table")
+    return ctx.bb.emit_te(_apply_rope_te, args[0], ctx.memo[key], primfunc_name_hint="rope")
+
+
+def _silu_te(x: te.Tensor):
+    """x * sigmoid(x) with TVM's polynomial exp, which vectorizes (libm's expf does not)."""
+    e = topi.fast_exp(topi.negative(x))
+    return te.compute(x.shape, lambda *i: x(*i) / (tirx.const(1, x.dtype) + e(*i)), name="silu")
+
+
+@lowers("silu")
+def _silu(ctx, node, args):
+    return ctx.bb.emit_te(_silu_te, args[0], primfunc_name_hint="silu")
 
 
 def _causal_mask_te(scores: te.Tensor):

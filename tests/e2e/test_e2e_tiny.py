@@ -80,3 +80,16 @@ def test_interpreter_matches_artifact(tiny):
     expected = run_module(module, "logits", {"ids": ids, "pos": np.arange(len(PROMPT), dtype=np.int32)})["logits"]
     logits = load(folder / "artifact").forward_logits(np.array(PROMPT))
     np.testing.assert_allclose(logits, expected[0], atol=1e-4, rtol=0)
+
+
+def test_artifact_ir_dump_parses_back_to_the_built_module(tiny):
+    """model.ir in the artifact is the final IR: it parses back to the optimized module."""
+    from llmopt.compiler import BuildOptions as Options, optimize
+    from llmopt.ir.parser import parse_module
+    from llmopt.ir.printer import print_module
+
+    _, folder = tiny
+    built = optimize(load_hf_folder(folder / "hf"), Options())
+    text = (folder / "artifact" / "model.ir").read_text()
+    assert text == print_module(built)
+    assert parse_module(text, built.weights) == built
