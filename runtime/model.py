@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import safe_open
 
 from ._tvm import import_tvm
 from .errors import ArtifactError
 from .manifest import Manifest, read_manifest, resolve, verify
+from .safetensors_reader import read_tensors
 from .tokenizer import Tokenizer
 
 _ENTRY_POINTS = ("prefill", "decode", "logits")
@@ -223,15 +223,10 @@ def _load_weights(tvm: Any, artifact_dir: Path, manifest: Manifest) -> list[Any]
     tensors: list[Any] = [None] * len(manifest.weights)
     for file, indices in by_file.items():
         path = resolve(artifact_dir, file)
-        with safe_open(str(path), framework="numpy") as shard:
-            names = set(shard.keys())
-            for i in indices:
+        try:
+            loaded = read_tensors(path, [manifest.weights[i].name for i in indices])
+            for i, (name, array) in zip(indices, loaded):
                 w = manifest.weights[i]
-                if w.name not in names:
-                    raise ArtifactError(
-                        f"{path} has no tensor {w.name}", hint="rebuild the artifact", path=path
-                    )
-                array = shard.get_tensor(w.name)
                 if tuple(array.shape) != w.shape or str(array.dtype) != w.dtype:
                     raise ArtifactError(
                         f"{path}: tensor {w.name} is {array.dtype}{list(array.shape)}, "
@@ -240,4 +235,8 @@ def _load_weights(tvm: Any, artifact_dir: Path, manifest: Manifest) -> list[Any]
                         path=path,
                     )
                 tensors[i] = tvm.runtime.tensor(array, tvm.cpu())
+        except KeyError as missing:
+            raise ArtifactError(f"{path} has no tensor {missing}", hint="rebuild the artifact", path=path) from None
+        except (ValueError, OSError) as err:
+            raise ArtifactError(f"{path}: {err}", hint="rebuild the artifact", path=path) from None
     return tensors
