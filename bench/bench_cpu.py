@@ -6,7 +6,7 @@ Measures, per (system, threads) configuration:
   of Persuasion), tokens/s;
 - decode throughput: ``--decode-tokens`` greedy steps after that prefill, one token each,
   tokens/s = 1 / (median step time within the run);
-- peak RSS of the process (``getrusage(RUSAGE_SELF).ru_maxrss``) and model load time.
+- peak RSS of the process (``VmHWM`` from /proc/self/status) and model load time.
 
 Each configuration runs in its own child process, so thread pools (``TVM_NUM_THREADS`` set
 before TVM is imported, ``torch.set_num_threads``) and peak RSS are per configuration; the llmopt
@@ -87,6 +87,16 @@ def _torch_steps(hf_folder: str, threads: int):
     return prefill, decode
 
 
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory (VmHWM). Not ``getrusage``: on Linux its ru_maxrss
+    carries the parent's peak over fork+exec, so a child would report at least its parent's."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _measure(prefill, decode, ids: list[int], decode_tokens: int) -> dict:
     """Time one prefill over `ids` and `decode_tokens` greedy decode steps after it."""
     token, cache = prefill(ids[:WARMUP_TOKENS])
@@ -124,7 +134,7 @@ def _child(args: argparse.Namespace) -> None:
         system=args.child,
         threads=threads,
         load_s=load_s,
-        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        peak_rss_mib=_peak_rss_mib(),
         torch_imported="torch" in sys.modules,
         load_average=os.getloadavg(),
     )
