@@ -145,22 +145,93 @@ def evaluate(model_or_artifact, text, context, max_tokens, pipeline):
 @click.option("--dump-dir", type=click.Path(), default=None, help="Write NNN_<pass>.ir after every pass here.")
 @click.option("--verify", is_flag=True, help="Run the IR verifier after every pass.")
 @click.option("-o", "--out", type=click.Path(), default=None, help="Write the final IR here instead of stdout.")
-def ir(model, pipeline, disable_pass, dump_dir, verify, out):
+@click.option("--bisect", is_flag=True, help="Find the first pass that changes the logits (interpreter) instead.")
+@click.option("--tolerance", default=1e-4, show_default=True, help="--bisect: largest max-abs-diff that is fine.")
+@click.option("--entry", default="logits", show_default=True, help="--bisect: the entry point to compare.")
+@click.option("--graph", type=click.Path(), default=None, help="Write the final IR's graph as an HTML page here.")
+@click.option("--graph-filter", default=None, metavar="PREFIX", help="--graph: only nodes from PREFIX, "
+              "e.g. model.layers.0.")
+@click.option("--graph-function", default="prefill", show_default=True, help="--graph: the function to draw.")
+def ir(model, pipeline, disable_pass, dump_dir, verify, out, bisect, tolerance, entry, graph, graph_filter,
+       graph_function):
     """Print MODEL's IR after a pipeline (default: the build pipeline; 'none' for the traced IR).
+
+    With --bisect, print which pass first changes the outputs instead; with --graph, draw the IR
+    (the IR is then printed only with -o).
 
     \b
     Examples:
       llmopt ir smollm2 --pipeline none | less
       llmopt ir smollm2 --pipeline dce,cse,fuse-linears --dump-dir dumps/
+      llmopt ir smollm2 --bisect --tolerance 1e-4
+      llmopt ir smollm2 --graph block0.html --graph-filter model.layers.0
     """
     from .compiler import load, optimize
     from .ir.printer import print_module
+    if bisect:
+        click.echo(_bisect(load(model), pipeline, disable_pass, tolerance, entry).describe())
+        return
     module = optimize(load(model), _build_options("cpu", None, pipeline, disable_pass, dump_dir, verify))
     text = print_module(module)
+    if graph:
+        _write_graph(module, graph, graph_function, graph_filter)
     if out:
         Path(out).write_text(text)
+    elif not graph:
+        click.echo(text, nl=False)
+
+
+def _bisect(module, pipeline, disable_pass, tolerance, entry):
+    from .passes.bisect import bisect_pipeline, example_inputs
+    from .passes.manager import PassManager, build_pipeline
+    manager = PassManager(build_pipeline(pipeline), (), disable_pass)  # checks the disabled names
+    passes = [p for p in manager.passes if p.name not in manager.disabled]
+    return bisect_pipeline(module, passes, example_inputs(module, entry), tolerance, entry)
+
+
+def _write_graph(module, path, function, source_prefix):
+    from .ir.graphview import write_graph
+    if function not in module.functions:
+        raise LLMOptError(f"--graph-function {function!r}: the model has no such function.",
+                          f"Choose one of: {', '.join(module.functions)}.")
+    count = write_graph(module.functions[function], path, source_prefix)
+    if count == 0:
+        raise LLMOptError(f"--graph-filter {source_prefix!r} selects no node of @{function}.",
+                          "Use a prefix of the from= names the IR shows, e.g. model.layers.0.")
+    click.echo(f"wrote {path} ({count} nodes of @{function})", err=True)
+
+
+@cli.command(name="ir-diff")
+@click.argument("before", type=click.Path(exists=True, dir_okay=False))
+@click.argument("after", type=click.Path(exists=True, dir_okay=False))
+def ir_diff(before, after):
+    """What changed from the IR file BEFORE to AFTER (e.g. two files of --dump-dir), node by node.
+
+    \b
+    Example:
+      llmopt ir smollm2 --dump-dir dumps/
+      llmopt ir-diff dumps/000_input.ir dumps/001_fuse-linears.ir
+    """
+    from .ir.diff import diff_modules
+    text = diff_modules(_read_ir(before), _read_ir(after)).render()
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.text import Text
+        styles = {"+": "green", "-": "red", "~": "yellow", ">": "cyan", "@": "bold"}
+        console = Console(highlight=False)
+        for line in text.splitlines():
+            console.print(Text(line, style=styles.get(line.lstrip()[:1], "")), soft_wrap=True)
     else:
         click.echo(text, nl=False)
+
+
+def _read_ir(path: str):
+    from .ir.parser import IRParseError, parse_module
+    try:
+        return parse_module(Path(path).read_text(encoding="utf-8"))
+    except (IRParseError, UnicodeDecodeError) as err:
+        raise LLMOptError(f"{path} is not llmopt IR text: {err}",
+                          "Give files written by llmopt ir -o or --dump-dir.") from None
 
 
 def main(argv=None) -> None:

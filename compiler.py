@@ -6,7 +6,6 @@ Python users. Progress goes to ``report`` (a callable taking a line), timings in
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,9 +46,10 @@ def load(model) -> Module:
 
 def optimize(module: Module, options: BuildOptions, report: BuildReport | None = None) -> Module:
     """Run the pass pipeline named in ``options`` with the instruments it asks for."""
-    from .passes.instruments import DumpIR, Verify
+    from .passes.instruments import DumpIR, Verify, debug_instruments
     from .passes.manager import PassManager, build_pipeline
-    instruments = ([DumpIR(options.dump_dir)] if options.dump_dir else []) + ([Verify()] if options.verify else [])
+    instruments = (([DumpIR(options.dump_dir)] if options.dump_dir else []) + ([Verify()] if options.verify else [])
+                   + debug_instruments())  # LLMOPT_DEBUG levels; last, so a dump is on disk before Verify stops
     manager = PassManager(build_pipeline(options.pipeline), instruments, options.disabled_passes)
     module = manager.run(module)
     if report is not None:
@@ -58,21 +58,21 @@ def optimize(module: Module, options: BuildOptions, report: BuildReport | None =
 
 
 def _input_hashes(module: Module) -> dict[str, str]:
-    """sha256 of each file the model was read from (recorded in the manifest)."""
+    """sha256 of each file the model was read from, by file name (recorded in the manifest)."""
     from .runtime.manifest import sha256_file
     source = module.meta.get("source", {})
     path = Path(source["path"]) if "path" in source else None
     if path is None or not path.exists():
         return {}
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
-    return {str(f): sha256_file(f) for f in files}
+    return {f.name: sha256_file(f) for f in files}  # by name, so the same model elsewhere hashes the same
 
 
 def _manifest_fields(module: Module, options: BuildOptions, library, spec, report: BuildReport) -> dict:
     tokenizer = dict(module.meta.get("tokenizer") or {})
     entry_points = [{"name": f.name, "inputs": [p.name for p in f.params]} for f in module.functions.values()]
     return {
-        "created_by": {"command": " ".join(sys.argv), "options": options.to_json(), "llmopt": __version__},
+        "created_by": {"options": options.to_json(), "llmopt": __version__},
         "target": {"name": spec.name, "tvm": library.target, "device": spec.device,
                    "weight_layout": library.layout_note()},
         "library": spec.library_file,

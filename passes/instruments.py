@@ -6,10 +6,14 @@ Passes know nothing about instruments: dumping and checking never live inside a 
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
+from ..errors import LLMOptError
 from ..ir.graph import Module
 from ..ir.printer import print_module
 from ..ir.verify import VerifyError, verify_module
@@ -117,3 +121,48 @@ class Verify(Instrument):
             verify_module(module)
         except VerifyError as err:
             raise PassVerifyError(f"{where} produced invalid IR:\n{err}") from None
+
+
+class PassLog(Instrument):
+    """Print each pass's name, wall-clock time and stats as it finishes (``LLMOPT_DEBUG=1``), and with
+    ``print_ir`` the IR it produced (``LLMOPT_DEBUG=2``), to ``stream`` (default: stderr)."""
+
+    def __init__(self, print_ir: bool = False, stream: TextIO | None = None):
+        self.print_ir = print_ir
+        self.stream = stream
+        self._started = 0.0
+
+    def _write(self, text: str) -> None:
+        (self.stream or sys.stderr).write(text)
+
+    def start(self, module: Module) -> None:
+        if self.print_ir:
+            self._write(f"[llmopt] IR before the pipeline:\n{print_module(module)}")
+
+    def before_pass(self, index: int, pass_: Pass, module: Module) -> None:
+        self._started = time.perf_counter()
+
+    def after_pass(self, index: int, pass_: Pass, module: Module, stats: dict[str, int]) -> None:
+        seconds = time.perf_counter() - self._started
+        counts = "".join(f" {k}={v}" for k, v in stats.items())
+        self._write(f"[llmopt] pass #{index} {pass_.name}: {seconds:.4f} s{counts}\n")
+        if self.print_ir:
+            self._write(f"[llmopt] IR after pass #{index} {pass_.name}:\n{print_module(module)}")
+
+
+DEBUG_ENV = "LLMOPT_DEBUG"
+
+
+def debug_instruments(level: str | int | None = None, stream: TextIO | None = None) -> list[Instrument]:
+    """The instruments for a debug level (default: ``$LLMOPT_DEBUG``; unset or 0: none).
+
+    1: each pass's name, time and stats; 2: also the IR after each pass; 3: also ``Verify``.
+    Output goes to ``stream`` (default: stderr).
+    """
+    level = os.environ.get(DEBUG_ENV, "0") if level is None else level
+    if str(level).strip() not in ("", "0", "1", "2", "3"):
+        raise LLMOptError(f"{DEBUG_ENV}={level!r} is not a debug level.",
+                          "Use 1 (pass timings), 2 (also the IR after each pass) or 3 (also verify each pass).")
+    level = int(str(level).strip() or 0)
+    instruments: list[Instrument] = [PassLog(print_ir=level >= 2, stream=stream)] if level >= 1 else []
+    return instruments + ([Verify()] if level >= 3 else [])
