@@ -10,6 +10,7 @@ import tvm
 
 from ..ir.graph import Module
 from ..targets import TargetSpec, check_arch
+from .shape_func_order import sort_shape_func_stores
 from .relax_module import Kernels, default_emit_linear, to_relax, weight_order
 from .weight_layout import packed_weights
 
@@ -35,15 +36,16 @@ class CompiledLibrary:
 
 def relax_pipeline(spec: TargetSpec, target: tvm.target.Target):
     """TVM's default Relax pipeline for the target, with the target's schedule rules applied to
-    the fused PrimFuncs between legalization and lowering (kernels of ours are left alone)."""
+    the fused PrimFuncs between legalization and lowering (kernels of ours are left alone), and
+    the shape functions put in a fixed order (reproducible builds)."""
     if spec.schedule_rules is None:
-        return "default"
+        return tvm.transform.Sequential([tvm.relax.get_default_pipeline(target), sort_shape_func_stores])
     from tvm.relax.backend.cpu_generic import pipeline as stages
     from tvm.s_tir import dlight
     return tvm.transform.Sequential(
         stages.library_dispatch_passes(target) + stages.legalize_passes(target)
         + [dlight.ApplyDefaultSchedule(*spec.schedule_rules())]
-        + stages.dataflow_lower_passes(target) + stages.finalize_passes(target))
+        + stages.dataflow_lower_passes(target) + stages.finalize_passes(target) + [sort_shape_func_stores])
 
 
 def compile_module(module: Module, spec: TargetSpec, arch: str | None = None) -> CompiledLibrary:

@@ -100,7 +100,11 @@ def open_gguf(path: Path) -> gguf.GGUFReader:
 
 def _metadata(reader: gguf.GGUFReader, key: str, default=None):
     field = reader.get_field(key)
-    return default if field is None else field.contents()
+    try:
+        return default if field is None else field.contents()
+    except UnicodeDecodeError:
+        raise ModelInputError(f"{reader.data.filename}: the metadata value of {key!r} is not UTF-8 text.",
+                              "The file is corrupt: download or copy it again.") from None
 
 
 def architecture(reader: gguf.GGUFReader, path: Path) -> str:

@@ -58,19 +58,27 @@ def _rope_scaling(config: dict) -> tuple[float, dict]:
     return theta, attrs
 
 
+def _positive(config: dict, key: str) -> int:
+    """``config[key]`` as a positive int (KeyError if absent, ValueError if not positive)."""
+    value = int(config[key])
+    if value <= 0:
+        raise ValueError(f"{key} is {config[key]!r}, it must be a positive integer")
+    return value
+
+
 def spec_from_config(config: dict, where: str = "config.json") -> DecoderSpec:
     """A DecoderSpec from a Hugging Face config dict; raises ModelInputError naming what is wrong."""
     architectures = config.get("architectures") or []
-    arch = architectures[0] if architectures else None
-    if arch not in ARCHITECTURES:
+    arch = architectures[0] if isinstance(architectures, list) and architectures else None
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
         raise ModelInputError(
             f"{where}: architecture {arch!r} is not supported.",
             f"llmopt builds {', '.join(sorted(ARCHITECTURES))}; set \"architectures\" to one of them "
             "if the model really is one of these families.")
     family = ARCHITECTURES[arch]
     try:
-        heads = int(config["num_attention_heads"])
-        hidden = int(config["hidden_size"])
+        heads = _positive(config, "num_attention_heads")
+        hidden = _positive(config, "hidden_size")
         theta, rope = _rope_scaling(config)
         return DecoderSpec(
             vocab_size=int(config["vocab_size"]), hidden_size=hidden,
@@ -86,7 +94,7 @@ def spec_from_config(config: dict, where: str = "config.json") -> DecoderSpec:
         raise ModelInputError(f"{where}: the key {key} is missing.",
                               "A Llama-family config needs hidden_size, intermediate_size, num_hidden_layers, "
                               "num_attention_heads and vocab_size.") from None
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, OverflowError) as err:
         raise ModelInputError(f"{where}: {err}.", "Fix the value in the config.") from None
 
 
@@ -129,11 +137,24 @@ def _read_header(path: Path) -> dict:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ModelInputError(f"{path}: the safetensors header is not valid JSON.",
                                   "Download or copy the file again.") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"} if isinstance(header, dict) else None
+    if tensors is None or not all(_is_tensor_entry(v) for v in tensors.values()):
+        raise ModelInputError(f"{path}: the safetensors header is malformed (each tensor needs a dtype, a shape "
+                              "and data_offsets).", "Download or copy the file again.")
+    end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
     if 8 + length + end > size:
         raise ModelInputError(f"{path}: the file is cut short: its header describes {8 + length + end} bytes "
                               f"but the file has {size}.", "Download or copy the file again.")
     return header
+
+
+def _is_tensor_entry(entry) -> bool:
+    def naturals(values) -> bool:
+        return isinstance(values, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                for v in values)
+    return (isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and naturals(entry.get("shape"))
+            and naturals(entry.get("data_offsets")) and len(entry["data_offsets"]) == 2
+            and entry["data_offsets"][0] <= entry["data_offsets"][1])
 
 
 def _loader(path: Path, key: str):

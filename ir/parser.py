@@ -26,7 +26,10 @@ class IRParseError(ValueError):
 def _parse_attrs(text: str | None) -> dict:
     if not text:
         return {}
-    call = ast.parse(f"f({text})", mode="eval").body
+    try:
+        call = ast.parse(f"f({text})", mode="eval").body
+    except (MemoryError, RecursionError):  # Python's parser gives up on very deep nesting
+        raise ValueError("attributes nested too deeply") from None
     return {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
 
 
@@ -93,6 +96,8 @@ def parse_module(text: str, weights: WeightStore | None = None) -> Module:
             if current is None:
                 if stripped.startswith("meta "):
                     meta = json.loads(stripped[5:])
+                    if not isinstance(meta, dict):
+                        raise ValueError("meta must be a JSON object")
                     continue
                 match = _FUNC.match(stripped)
                 if not match:
@@ -105,7 +110,7 @@ def parse_module(text: str, weights: WeightStore | None = None) -> Module:
                 current.outputs = _parse_outputs(stripped[len("return"):])
             else:
                 current.nodes.append(parse_node(stripped))
-        except (ValueError, SyntaxError) as err:
+        except (ValueError, SyntaxError, RecursionError) as err:  # RecursionError: JSON nested too deeply
             raise IRParseError(line_no, line, str(err)) from None
     if current is not None:
         raise IRParseError(len(lines), lines[-1] if lines else "", f"function @{current.name} is not closed")
