@@ -105,7 +105,7 @@ class PassManager:
         self.passes = list(passes)
         self.instruments = list(instruments)
         known = set(PASSES) | {p.name for p in self.passes}
-        for origin, names in (("disabled=", set(disabled)), (DISABLE_ENV, disabled_from_env())):
+        for origin, names in (("--disable-pass", set(disabled)), (DISABLE_ENV, disabled_from_env())):
             unknown = sorted(names - known)
             if unknown:
                 raise LLMOptError(f"{origin} names unknown pass(es): {', '.join(unknown)}.",

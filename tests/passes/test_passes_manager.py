@@ -144,7 +144,7 @@ def test_disabled_passes_are_skipped(monkeypatch):
 
 def test_unknown_disabled_names_list_known_passes(monkeypatch):
     monkeypatch.delenv(DISABLE_ENV, raising=False)
-    with pytest.raises(LLMOptError, match="(?s)disabled= names unknown pass.*: cdse.*Known passes: cse, dce"):
+    with pytest.raises(LLMOptError, match="(?s)--disable-pass names unknown pass.*: cdse.*Known passes: cse, dce"):
         PassManager(build_pipeline("default"), disabled=["cdse"])
     PassManager([WrongType()], disabled=["wrong-type"])  # passes in the pipeline count as known
     monkeypatch.setenv(DISABLE_ENV, "nope")
