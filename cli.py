@@ -16,6 +16,7 @@ import click
 from .errors import INTERNAL_ERROR_EXIT, USER_ERROR_EXIT, LLMOptError
 
 DEFAULT_TEXT = Path(__file__).resolve().parent.parent / "shared" / "data" / "austen" / "persuasion.txt"
+REPORT_TEXT = DEFAULT_TEXT.parent / "pride_and_prejudice.txt"
 
 
 def _console():
@@ -147,23 +148,32 @@ def evaluate(model_or_artifact, text, context, max_tokens, pipeline):
 @click.option("-o", "--out", type=click.Path(), default=None, help="Write the final IR here instead of stdout.")
 @click.option("--bisect", is_flag=True, help="Find the first pass that changes the logits (interpreter) instead.")
 @click.option("--tolerance", default=1e-4, show_default=True, help="--bisect: largest max-abs-diff that is fine.")
-@click.option("--entry", default="logits", show_default=True, help="--bisect: the entry point to compare.")
+@click.option("--entry", default="logits", show_default=True, help="--bisect, --report: the entry point to compare.")
+@click.option("--report", is_flag=True, help="Print the relative error of every layer and linear after the pipeline "
+              "(interpreter, on --text) instead, worst first.")
+@click.option("--report-json", type=click.Path(dir_okay=False), default=None,
+              help="--report: also write it as JSON here.")
+@click.option("--text", "report_text", type=click.Path(dir_okay=False), default=str(REPORT_TEXT), show_default=True,
+              help="--report: the text to run through the model.")
+@click.option("--tokens", default=64, show_default=True, help="--report: use the first N tokens of --text.")
 @click.option("--graph", type=click.Path(), default=None, help="Write the final IR's graph as an HTML page here.")
 @click.option("--graph-filter", default=None, metavar="PREFIX", help="--graph: only nodes from PREFIX, "
               "e.g. model.layers.0.")
 @click.option("--graph-function", default="prefill", show_default=True, help="--graph: the function to draw.")
-def ir(model, pipeline, disable_pass, dump_dir, verify, out, bisect, tolerance, entry, graph, graph_filter,
-       graph_function):
+def ir(model, pipeline, disable_pass, dump_dir, verify, out, bisect, tolerance, entry, report, report_json, report_text,
+       tokens, graph, graph_filter, graph_function):
     """Print MODEL's IR after a pipeline (default: the build pipeline; 'none' for the traced IR).
 
-    With --bisect, print which pass first changes the outputs instead; with --graph, draw the IR
-    (the IR is then printed only with -o).
+    With --bisect, print which pass first changes the outputs instead; with --report (or
+    --report-json), the relative error of each layer and linear, worst first, and the first NaN/Inf;
+    with --graph, draw the IR (the IR is then printed only with -o).
 
     \b
     Examples:
       llmopt ir smollm2 --pipeline none | less
       llmopt ir smollm2 --pipeline dce,cse,fuse-linears --dump-dir dumps/
       llmopt ir smollm2 --bisect --tolerance 1e-4
+      llmopt ir smollm2 --report --report-json report.json --tokens 64
       llmopt ir smollm2 --graph block0.html --graph-filter model.layers.0
     """
     from .compiler import load, optimize
@@ -171,7 +181,11 @@ def ir(model, pipeline, disable_pass, dump_dir, verify, out, bisect, tolerance, 
     if bisect:
         click.echo(_bisect(load(model), pipeline, disable_pass, tolerance, entry).describe())
         return
-    module = optimize(load(model), _build_options("cpu", None, pipeline, disable_pass, dump_dir, verify))
+    options = _build_options("cpu", None, pipeline, disable_pass, dump_dir, verify)
+    if report or report_json:
+        _report(load(model), options, entry, report_text, tokens, report_json)
+        return
+    module = optimize(load(model), options)
     text = print_module(module)
     if graph:
         _write_graph(module, graph, graph_function, graph_filter)
@@ -187,6 +201,18 @@ def _bisect(module, pipeline, disable_pass, tolerance, entry):
     manager = PassManager(build_pipeline(pipeline), (), disable_pass)  # checks the disabled names
     passes = [p for p in manager.passes if p.name not in manager.disabled]
     return bisect_pipeline(module, passes, example_inputs(module, entry), tolerance, entry)
+
+
+def _report(module, options, entry, text, tokens, json_path):
+    import json
+    from .compiler import optimize
+    from .passes.report import layer_error_report, tokenize_text
+    ids = tokenize_text(module, text, tokens)
+    result = layer_error_report(module, optimize(module, options), ids, entry)
+    click.echo(result.render(), nl=False)
+    if json_path:
+        Path(json_path).write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        click.echo(f"wrote {json_path}", err=True)
 
 
 def _write_graph(module, path, function, source_prefix):
