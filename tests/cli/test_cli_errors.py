@@ -10,14 +10,11 @@ import pytest
 from llmopt.cli import main
 from llmopt.errors import USER_ERROR_EXIT
 
-from tiny_models import save_tiny
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny") / "hf"
-    save_tiny("llama", folder)
-    return folder
+def tiny_folder(tiny_llama):
+    return tiny_llama
 
 
 def run_cli(capsys, *argv) -> str:

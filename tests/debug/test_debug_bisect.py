@@ -12,14 +12,6 @@ from llmopt.frontend.hf_folder import load_hf_folder
 from llmopt.ir import run_module
 from llmopt.passes import PASSES, build_pipeline
 from llmopt.passes.bisect import bisect_pipeline, example_inputs
-from tiny_models import save_tiny
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny") / "llama"
-    save_tiny("llama", folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,6 @@ from click.testing import CliRunner
 from llmopt.cli import cli
 from llmopt.frontend.hf_folder import load_hf_folder
 from llmopt.ir.graphview import render_html, write_graph
-from tiny_models import save_tiny
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny") / "llama"
-    save_tiny("llama", folder)
-    return folder
 
 
 def drawn_nodes(html: str) -> list[str]:

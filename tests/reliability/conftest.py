@@ -6,18 +6,14 @@ import pytest
 
 from llmopt.compiler import BuildOptions, build
 
-from tiny_models import save_tiny
-
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("reliability") / "hf"
-    save_tiny("llama", folder)
-    return folder
+def tiny_model(tiny_llama):
+    return tiny_llama
 
 
 @pytest.fixture(scope="session")
 def tiny_artifact(tiny_model):
-    out = tiny_model.parent / "artifact"
+    out = tiny_model.parent / "reliability_artifact"
     build(tiny_model, out, BuildOptions())
     return out
