@@ -60,7 +60,8 @@ _disable_option = click.option("--disable-pass", multiple=True, metavar="NAME", 
 @_pipeline_option
 @_disable_option
 @click.option("--dump-dir", type=click.Path(), default=None, help="Write the IR after every pass here.")
-@click.option("--verify", is_flag=True, help="Run the IR verifier after every pass.")
+@click.option("--verify", is_flag=True, help="After every pass, run the IR verifier and check the reference "
+              "interpreter's outputs against the input's.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 def build(model, target, arch, out, pipeline, disable_pass, dump_dir, verify, force):
     """Compile MODEL (an HF folder, a .gguf file, or 'smollm2') into an artifact directory.
@@ -139,12 +140,34 @@ def evaluate(model_or_artifact, text, context, max_tokens, pipeline):
     click.echo(f"{Path(text).name}: {result.describe()}")
 
 
-@cli.command()
+class _IRGroup(click.Group):
+    """``llmopt ir MODEL ...`` shows a model's IR (the ``show`` subcommand, implied);
+    ``llmopt ir diff A.ir B.ir`` compares two dumps."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["show", *args]
+        return super().parse_args(ctx, args)
+
+
+@cli.group(cls=_IRGroup)
+def ir():
+    """Read the IR: `llmopt ir MODEL` prints it after a pipeline, `llmopt ir diff A B` compares dumps.
+
+    \b
+    Examples:
+      llmopt ir smollm2 --pipeline none | less
+      llmopt ir smollm2 --dump-dir dumps/ && llmopt ir diff dumps/000_input.ir dumps/001_fuse-linears.ir
+    """
+
+
+@ir.command(name="show")
 @click.argument("model")
 @_pipeline_option
 @_disable_option
 @click.option("--dump-dir", type=click.Path(), default=None, help="Write NNN_<pass>.ir after every pass here.")
-@click.option("--verify", is_flag=True, help="Run the IR verifier after every pass.")
+@click.option("--verify", is_flag=True, help="After every pass, run the IR verifier and check the reference "
+              "interpreter's outputs against the input's.")
 @click.option("-o", "--out", type=click.Path(), default=None, help="Write the final IR here instead of stdout.")
 @click.option("--bisect", is_flag=True, help="Find the first pass that changes the logits (interpreter) instead.")
 @click.option("--tolerance", default=1e-4, show_default=True, help="--bisect: largest max-abs-diff that is fine.")
@@ -160,7 +183,7 @@ def evaluate(model_or_artifact, text, context, max_tokens, pipeline):
 @click.option("--graph-filter", default=None, metavar="PREFIX", help="--graph: only nodes from PREFIX, "
               "e.g. model.layers.0.")
 @click.option("--graph-function", default="prefill", show_default=True, help="--graph: the function to draw.")
-def ir(model, pipeline, disable_pass, dump_dir, verify, out, bisect, tolerance, entry, report, report_json, report_text,
+def ir_show(model, pipeline, disable_pass, dump_dir, verify, out, bisect, tolerance, entry, report, report_json, report_text,
        tokens, graph, graph_filter, graph_function):
     """Print MODEL's IR after a pipeline (default: the build pipeline; 'none' for the traced IR).
 
@@ -227,7 +250,7 @@ def _write_graph(module, path, function, source_prefix):
     click.echo(f"wrote {path} ({count} nodes of @{function})", err=True)
 
 
-@cli.command(name="ir-diff")
+@ir.command(name="diff")
 @click.argument("before", type=click.Path(exists=True, dir_okay=False))
 @click.argument("after", type=click.Path(exists=True, dir_okay=False))
 def ir_diff(before, after):
@@ -236,7 +259,7 @@ def ir_diff(before, after):
     \b
     Example:
       llmopt ir smollm2 --dump-dir dumps/
-      llmopt ir-diff dumps/000_input.ir dumps/001_fuse-linears.ir
+      llmopt ir diff dumps/000_input.ir dumps/001_fuse-linears.ir
     """
     from .ir.diff import diff_modules
     text = diff_modules(_read_ir(before), _read_ir(after)).render()

@@ -46,9 +46,10 @@ def load(model) -> Module:
 
 def optimize(module: Module, options: BuildOptions, report: BuildReport | None = None) -> Module:
     """Run the pass pipeline named in ``options`` with the instruments it asks for."""
-    from .passes.instruments import DumpIR, Verify, debug_instruments
+    from .passes.instruments import DumpIR, InterpreterCheck, Verify, debug_instruments
     from .passes.manager import PassManager, build_pipeline
-    instruments = (([DumpIR(options.dump_dir)] if options.dump_dir else []) + ([Verify()] if options.verify else [])
+    checks = [Verify(), InterpreterCheck()] if options.verify else []
+    instruments = (([DumpIR(options.dump_dir)] if options.dump_dir else []) + checks
                    + debug_instruments())  # LLMOPT_DEBUG levels; last, so a dump is on disk before Verify stops
     manager = PassManager(build_pipeline(options.pipeline), instruments, options.disabled_passes)
     module = manager.run(module)

@@ -25,7 +25,8 @@ def verify_function(func: Function, weights=None) -> list[str]:
             problems.append(f"@{func.name}: param %{p.name} defined twice")
         types[p.name] = p.type
     for node in func.nodes:
-        where = f"@{func.name} %{node.name} = {node.op}"
+        where = f"@{func.name} %{node.name} = {node.op}" + "".join(
+            f" ({label} {value})" for label, value in (("from", node.source), ("by", node.created_by)) if value)
         if node.name in types:
             problems.append(f"{where}: %{node.name} defined twice")
         undefined = [i for i in node.inputs if i not in types]

@@ -123,6 +123,33 @@ class Verify(Instrument):
             raise PassVerifyError(f"{where} produced invalid IR:\n{err}") from None
 
 
+class InterpreterCheck(Instrument):
+    """Run the reference interpreter on the pipeline's input and again after every pass, on the
+    same example inputs, and stop at the first pass whose outputs drift beyond ``tolerance``
+    (max abs difference), naming it. Entry ``logits`` when the module has it, else its first."""
+
+    def __init__(self, tolerance: float = 1e-4, entry: str | None = None):
+        self.tolerance, self.entry = tolerance, entry
+        self._inputs: dict = {}
+        self._expected: dict = {}
+
+    def start(self, module: Module) -> None:
+        from ..ir.interp import run_module
+        from .bisect import example_inputs
+        self.entry = self.entry or ("logits" if "logits" in module.functions else next(iter(module.functions)))
+        self._inputs = example_inputs(module, self.entry)
+        self._expected = run_module(module, self.entry, self._inputs)
+
+    def after_pass(self, index: int, pass_: Pass, module: Module, stats: dict[str, int]) -> None:
+        from ..ir.interp import run_module
+        from .bisect import max_abs_diff
+        drift = max_abs_diff(self._expected, run_module(module, self.entry, self._inputs))
+        if not drift <= self.tolerance:
+            raise PassVerifyError(f"pass #{index} {pass_.name!r} ({type(pass_).__name__}) changed the outputs of "
+                                  f"@{self.entry}: max abs difference {drift:.3g} > {self.tolerance:g} "
+                                  "(reference interpreter, example inputs)")
+
+
 class PassLog(Instrument):
     """Print each pass's name, wall-clock time and stats as it finishes (``LLMOPT_DEBUG=1``), and with
     ``print_ir`` the IR it produced (``LLMOPT_DEBUG=2``), to ``stream`` (default: stderr)."""

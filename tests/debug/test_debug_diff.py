@@ -1,4 +1,4 @@
-"""ir-diff: the exact diff fuse-linears makes on a known graph; identical modules; the CLI."""
+"""ir diff: the exact diff fuse-linears makes on a known graph; identical modules; the CLI."""
 
 from __future__ import annotations
 
@@ -85,14 +85,14 @@ def test_cli_ir_diff(tmp_path):
     before = parse_module(BEFORE)
     (tmp_path / "a.ir").write_text(BEFORE)
     (tmp_path / "b.ir").write_text(print_module(FuseLinears().run(before)))
-    result = CliRunner().invoke(cli, ["ir-diff", str(tmp_path / "a.ir"), str(tmp_path / "b.ir")])
+    result = CliRunner().invoke(cli, ["ir", "diff", str(tmp_path / "a.ir"), str(tmp_path / "b.ir")])
     assert result.exit_code == 0, result.output
     assert result.output == EXPECTED_FUSE
 
 
 def test_cli_ir_diff_rejects_non_ir(tmp_path):
     (tmp_path / "a.ir").write_text("hello\n")
-    result = CliRunner().invoke(cli, ["ir-diff", str(tmp_path / "a.ir"), str(tmp_path / "a.ir")])
+    result = CliRunner().invoke(cli, ["ir", "diff", str(tmp_path / "a.ir"), str(tmp_path / "a.ir")])
     assert result.exit_code != 0
     assert "is not llmopt IR text" in str(result.exception)
 

@@ -110,7 +110,7 @@ def test_dump_ir_writes_one_file_per_stage_and_an_index(tmp_path):
 
 def test_verify_names_the_pass_that_broke_the_ir():
     manager = PassManager([DeadCodeElimination(), WrongType(), CommonSubexpressionElimination()], [Verify()])
-    message = r"(?s)pass #2 'wrong-type' \(WrongType\) produced invalid IR.*add: type f32\[7\]"
+    message = r"(?s)pass #2 'wrong-type' \(WrongType\) produced invalid IR.*add \(by wrong-type\): type f32\[7\]"
     with pytest.raises(PassVerifyError, match=message):
         manager.run(module())
     assert [name for name, _ in manager.stats] == ["dce", "wrong-type"]
