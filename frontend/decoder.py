@@ -84,7 +84,10 @@ class _DecoderEmitter:
         self.spec, self.weights, self.b = spec, weights, builder
 
     def weight(self, name: str) -> str:
-        return self.b.weight(name, self.weights.type(name))
+        """A weight node; its provenance names the checkpoint tensor when that is named otherwise
+        (a GGUF file's ``blk.0.attn_q.weight``)."""
+        tensor = self.weights.entry(name).origin.rpartition(":")[2]
+        return self.b.weight(name, self.weights.type(name), source=tensor if tensor != name else None)
 
     def linear(self, x: str, prefix: str, bias: bool) -> str:
         with self.b.at(source=prefix):
