@@ -7,6 +7,7 @@ the causal mask) are written as TE computes; ``linear`` goes through the target'
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -17,6 +18,7 @@ from tvm import relax, te, tirx, topi
 from ..ir.graph import Node
 from ..ir.rope import rope_attrs_inv_freq
 from ..ir.types import TVM_DTYPES, Dim, dim_symbols
+from ..passes.quant.schemes import get_scheme
 
 
 @dataclass
@@ -164,6 +166,30 @@ def _linear(ctx, node, args):
     if node.inputs[1] in ctx.packed:
         return ctx.emit_linear(ctx.bb, args[0], args[1], bias, out_features=node.type.shape[-1])
     return ctx.emit_linear(ctx.bb, args[0], args[1], bias)
+
+
+def _dequantize_te(packed: te.Tensor, scales: te.Tensor, *zeros: te.Tensor, scheme, in_features: int):
+    """f32 [N, K] from packed codes: shift the code out of its word, subtract the offset or the
+    group's zero point, multiply by the group's scale (the ``dequantize`` op; generic, not fused)."""
+    per_word, group = scheme.codes_per_word, scheme.group_of(in_features)
+    mask = tirx.const(2 ** scheme.bits - 1, "uint32")
+
+    def value(n, k):
+        shift = tirx.Cast("uint32", tirx.floormod(k, per_word) * scheme.bits)
+        word = packed[n, tirx.floordiv(k, per_word)]
+        code = tirx.Cast("float32", tirx.bitwise_and(tirx.shift_right(word, shift), mask))
+        g = tirx.floordiv(k, group)
+        zero = zeros[0][n, g] if zeros else tirx.const(2 ** (scheme.bits - 1), "float32")
+        return (code - zero) * scales[n, g]
+
+    return te.compute((packed.shape[0], in_features), value, name="dequantize")
+
+
+@lowers("dequantize")
+def _dequantize(ctx, node, args):
+    compute = functools.partial(_dequantize_te, scheme=get_scheme(node.attr["scheme"]),
+                                in_features=node.attr["in_features"])  # emit_te passes only TVM values on
+    return ctx.bb.emit_te(compute, *args, primfunc_name_hint="dequantize")
 
 
 def _rope_table_te(pos: te.Tensor, inv_freq: te.Tensor):

@@ -406,3 +406,37 @@ def _take_last_ref(args, attrs, env):
 
 register("take_last", 1, _infer_take_last, _take_last_ref, attrs=("axis",),
          doc="the last element along axis, keeping the axis (e.g. the last token's hidden state)")
+
+
+def _quant_scheme(attrs):
+    """The scheme a ``dequantize`` names. Imported when used: the schemes live in passes/quant,
+    which imports the IR, so a module-level import here would be a cycle."""
+    from ..errors import LLMOptError
+    from ..passes.quant.schemes import get_scheme
+    try:
+        return get_scheme(attrs["scheme"])
+    except LLMOptError as error:
+        raise OpError(f"dequantize: {error.message}") from None
+
+
+def _infer_dequantize(types, attrs):
+    scheme = _quant_scheme(attrs)
+    n, k = attrs["out_features"], attrs["in_features"]
+    if not scheme.supports(k):
+        raise OpError(f"dequantize: in_features={k} is not a multiple of {scheme.name}'s group size")
+    expected = [TensorType("u32", (n, scheme.packed_width(k))), TensorType("f32", (n, scheme.groups(k)))]
+    if not scheme.symmetric:
+        expected.append(expected[1])
+    if list(types) != expected:
+        raise OpError(f"dequantize ({scheme.name}, [{n}, {k}]): expected operands "
+                      f"{', '.join(map(str, expected))}; got {', '.join(map(str, types))}")
+    return TensorType("f32", (n, k))
+
+
+def _dequantize_ref(args, attrs, env):
+    zeros = args[2] if len(args) == 3 else None
+    return _quant_scheme(attrs).dequantize_packed(args[0], args[1], zeros, attrs["in_features"])
+
+
+register("dequantize", (2, 3), _infer_dequantize, _dequantize_ref, attrs=("scheme", "out_features", "in_features"),
+         doc="f32 [out_features, in_features] from packed u32 codes, scales [and zeros] of a quantization scheme")

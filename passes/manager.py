@@ -20,9 +20,10 @@ from .dce import DeadCodeElimination
 from .fold_constants import FoldConstants
 from .fuse_linears import FuseLinears
 from .instruments import Instrument
+from .quant.rtn import QuantizeRTN
 
 PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (
-    DeadCodeElimination, CommonSubexpressionElimination, FoldConstants, FuseLinears)}
+    DeadCodeElimination, CommonSubexpressionElimination, FoldConstants, FuseLinears, QuantizeRTN)}
 
 PIPELINES: dict[str, list[str]] = {
     "default": ["fuse-linears", "fold-constants", "cse", "dce"],

@@ -1,0 +1,109 @@
+"""Quantization schemes: bit-exact packing, round-to-nearest against a per-group re-derivation, errors."""
+
+import numpy as np
+import pytest
+
+from llmopt.errors import LLMOptError
+from llmopt.passes.quant.schemes import SCHEMES, QuantizedWeight, Scheme, get_scheme
+
+
+def rederive(scheme: Scheme, w: np.ndarray):
+    """Codes, scales and zeros computed group by group with plain Python scalars."""
+    n, k = w.shape
+    group = scheme.group_size or k
+    codes = np.zeros((n, k), np.int64)
+    scales = np.zeros((n, k // group))
+    zeros = np.zeros((n, k // group))
+    for row in range(n):
+        for g in range(k // group):
+            values = [float(v) for v in w[row, g * group:(g + 1) * group]]
+            if scheme.symmetric:
+                qmax = 2 ** (scheme.bits - 1) - 1
+                scale = max(abs(v) for v in values) / qmax or 1.0
+                zero = 2 ** (scheme.bits - 1)
+            else:
+                scale = (max(values) - min(values)) / (2 ** scheme.bits - 1) or abs(min(values)) or 1.0
+                zero = round(-min(values) / scale)
+            scales[row, g], zeros[row, g] = scale, zero
+            for i, v in enumerate(values):
+                codes[row, g * group + i] = min(max(round(v / scale) + zero, 0), 2 ** scheme.bits - 1)
+    return codes, scales, zeros
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMES))
+def test_pack_unpack_is_bit_exact(name):
+    scheme = SCHEMES[name]
+    rng = np.random.default_rng(1)
+    for k in (1, 10, 70, 256):  # partial last words too
+        codes = rng.integers(0, 2 ** scheme.bits, (5, k)).astype(np.uint8)
+        packed = scheme.pack(codes)
+        assert packed.dtype == np.uint32 and packed.shape == (5, -(-k // (32 // scheme.bits)))
+        np.testing.assert_array_equal(scheme.unpack(packed, k), codes)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMES))
+def test_packing_layout_code_k_at_bit_k_times_bits(name):
+    scheme = SCHEMES[name]
+    per_word = 32 // scheme.bits
+    codes = (np.arange(2 * per_word) % 2 ** scheme.bits).astype(np.uint8)[None, :]
+    words = [sum(int(c) << (j * scheme.bits) for j, c in enumerate(codes[0, w * per_word:(w + 1) * per_word]))
+             for w in range(2)]
+    np.testing.assert_array_equal(scheme.pack(codes), np.array([words], np.uint32))
+
+
+def test_three_bit_codes_go_ten_to_a_word():
+    assert SCHEMES["w3g128"].packed_width(128) == 13
+    assert SCHEMES["w4g128"].packed_width(128) == 16 and SCHEMES["w8"].packed_width(128) == 32
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMES))
+def test_quantize_matches_rederivation_and_error_is_within_half_a_step(name):
+    scheme = SCHEMES[name]
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((6, 256)).astype(np.float32)
+    w[0, :128] = 0  # an all-zero group
+    w[1] += 3  # an asymmetric row
+    q = scheme.quantize(w)
+    codes, scales, zeros = rederive(scheme, w)
+    group = scheme.group_size or 256
+    assert q.codes.dtype == np.uint8 and q.scales.shape == (6, 256 // group)
+    np.testing.assert_allclose(q.scales, scales, rtol=1e-6)
+    assert np.mean(q.codes == codes) > 0.999  # f32 vs f64 may round a value at exactly .5 differently
+    if scheme.symmetric:
+        assert q.zeros is None
+    else:
+        np.testing.assert_array_equal(q.zeros, zeros)
+    error = np.abs(scheme.dequantize(q) - w).reshape(6, -1, group).max(axis=-1)
+    assert np.all(error <= q.scales / 2 * (1 + 1e-5))
+    assert np.all(error[0, :128 // group] == 0)
+
+
+def test_asymmetric_weights_on_the_grid_are_reproduced_exactly():
+    scheme = SCHEMES["w4g32-asym"]
+    rng = np.random.default_rng(3)
+    codes = rng.integers(0, 16, (4, 64))
+    codes[:, ::32], codes[:, 1::32] = 0, 15  # every group spans the whole code range
+    scales = 2.0 ** rng.integers(-8, 0, (4, 2))  # powers of two: the grid is exact in f32
+    zeros = rng.integers(0, 16, (4, 2))
+    w = ((codes.reshape(4, 2, 32) - zeros[..., None]) * scales[..., None]).reshape(4, 64).astype(np.float32)
+    q = scheme.quantize(w)
+    np.testing.assert_array_equal(q.codes, codes)
+    np.testing.assert_array_equal(q.zeros, zeros)
+    np.testing.assert_array_equal(scheme.dequantize(q), w)
+    np.testing.assert_array_equal(scheme.dequantize_packed(scheme.pack(q.codes), q.scales, q.zeros, 64), w)
+
+
+def test_unknown_scheme_lists_the_known_ones():
+    with pytest.raises(LLMOptError) as error:
+        get_scheme("w5")
+    assert "w5" in error.value.message and all(name in error.value.hint for name in SCHEMES)
+
+
+def test_invalid_scheme_and_group_mismatch_are_user_errors():
+    with pytest.raises(LLMOptError, match="bits=9"):
+        Scheme("w9", bits=9, group_size=0, symmetric=True)
+    with pytest.raises(LLMOptError, match="storage_dtype"):
+        Scheme("w4", bits=4, group_size=0, symmetric=True, storage_dtype="u8")
+    with pytest.raises(LLMOptError, match="not a multiple"):
+        SCHEMES["w4g128"].quantize(np.zeros((2, 64), np.float32))
+    assert isinstance(SCHEMES["w8"].quantize(np.ones((2, 3), np.float32)), QuantizedWeight)
