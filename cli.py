@@ -41,10 +41,10 @@ def cli():
     """
 
 
-def _build_options(target, arch, pipeline, disable_pass, dump_dir, verify):
+def _build_options(target, arch, pipeline, disable_pass, dump_dir, verify, quant=None):
     from .compiler import BuildOptions
     return BuildOptions(target=target, arch=arch, pipeline=pipeline, disabled_passes=tuple(disable_pass),
-                        dump_dir=dump_dir, verify=verify)
+                        dump_dir=dump_dir, verify=verify, quant=quant)
 
 
 _pipeline_option = click.option("--pipeline", default="default", show_default=True,
@@ -63,17 +63,20 @@ _disable_option = click.option("--disable-pass", multiple=True, metavar="NAME", 
 @click.option("--verify", is_flag=True, help="After every pass, run the IR verifier and check the reference "
               "interpreter's outputs against the input's.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-def build(model, target, arch, out, pipeline, disable_pass, dump_dir, verify, force):
+@click.option("--quant", default=None, metavar="SCHEME",
+              help="Quantize linear weights (round to nearest; lm_head kept), e.g. w8, w4g32-asym.")
+def build(model, target, arch, out, pipeline, disable_pass, dump_dir, verify, force, quant):
     """Compile MODEL (an HF folder, a .gguf file, or 'smollm2') into an artifact directory.
 
     \b
-    Example:
+    Examples:
       llmopt build smollm2 --target cpu -o out/smollm2
+      llmopt build smollm2 --quant w8 -o out/smollm2-w8
     """
     import torch  # noqa: F401  (torch before tvm: tvm_ffi's torch hooks want it first)
     from .compiler import build as build_artifact
     console = _console()
-    options = _build_options(target, arch, pipeline, disable_pass, dump_dir, verify)
+    options = _build_options(target, arch, pipeline, disable_pass, dump_dir, verify, quant)
     with console.status("building") as status:
         manifest = build_artifact(model, out, options, force, report=lambda line: (status.update(line),
                                                                                     console.log(line)))

@@ -25,6 +25,7 @@ class BuildOptions:
     disabled_passes: tuple[str, ...] = ()
     dump_dir: str | None = None
     verify: bool = False
+    quant: str | None = None  # a weight quantization scheme (passes/quant/schemes.py), applied by RTN
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -51,11 +52,28 @@ def optimize(module: Module, options: BuildOptions, report: BuildReport | None =
     checks = [Verify(), InterpreterCheck()] if options.verify else []
     instruments = (([DumpIR(options.dump_dir)] if options.dump_dir else []) + checks
                    + debug_instruments())  # LLMOPT_DEBUG levels; last, so a dump is on disk before Verify stops
-    manager = PassManager(build_pipeline(options.pipeline), instruments, options.disabled_passes)
+    passes = build_pipeline(options.pipeline)
+    if options.quant:
+        passes = with_quantization(passes, options.quant)
+    manager = PassManager(passes, instruments, options.disabled_passes)
     module = manager.run(module)
     if report is not None:
         report.pass_stats = manager.stats
     return module
+
+
+def with_quantization(passes: list, scheme: str) -> list:
+    """``passes`` with round-to-nearest quantization to ``scheme`` before cleanup: after fusion and
+    folding (so fused weights are quantized whole), before ``cse``, and a ``dce`` after it so the
+    float weights it replaced are not stored."""
+    from .passes.dce import DeadCodeElimination
+    from .passes.quant.rtn import QuantizeRTN
+    from .passes.quant.schemes import get_scheme
+    get_scheme(scheme)  # an unknown name fails before any work
+    names = [p.name for p in passes]
+    at = names.index("cse") if "cse" in names else len(passes)
+    passes = passes[:at] + [QuantizeRTN(scheme=scheme)] + passes[at:]
+    return passes if "dce" in names[at:] else passes + [DeadCodeElimination()]
 
 
 def _input_hashes(module: Module) -> dict[str, str]:
