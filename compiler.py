@@ -25,7 +25,7 @@ class BuildOptions:
     disabled_passes: tuple[str, ...] = ()
     dump_dir: str | None = None
     verify: bool = False
-    quant: str | None = None  # a weight quantization scheme (passes/quant/schemes.py), applied by RTN
+    quant: str | None = None  # a weight quantization scheme (ir/quant_schemes.py), applied by RTN
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -68,7 +68,7 @@ def with_quantization(passes: list, scheme: str) -> list:
     float weights it replaced are not stored."""
     from .passes.dce import DeadCodeElimination
     from .passes.quant.rtn import QuantizeRTN
-    from .passes.quant.schemes import get_scheme
+    from .ir.quant_schemes import get_scheme
     get_scheme(scheme)  # an unknown name fails before any work
     names = [p.name for p in passes]
     at = names.index("cse") if "cse" in names else len(passes)

@@ -17,8 +17,8 @@ from tvm import relax, te, tirx, topi
 
 from ..ir.graph import Node
 from ..ir.rope import rope_attrs_inv_freq
-from ..ir.types import TVM_DTYPES, Dim, dim_symbols
-from ..passes.quant.schemes import get_scheme
+from ..ir.types import TVM_DTYPES, Dim
+from ..ir.quant_schemes import get_scheme
 
 
 @dataclass
@@ -266,4 +266,4 @@ def unsupported(node: Node) -> str:
     return f"op {node.op!r} (from {node.source or 'unknown source'}) has no lowering to TVM"
 
 
-__all__ = ["LOWERINGS", "LoweringContext", "unsupported", "dim_symbols", "tvm"]
+__all__ = ["LOWERINGS", "LoweringContext", "unsupported"]

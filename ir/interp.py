@@ -13,7 +13,7 @@ import numpy as np
 
 from .graph import Function, Module, Node
 from .ops import OPS
-from .types import DTYPES, TensorType, dim_symbols, eval_dim
+from .types import DTYPES, TensorType, eval_dim
 
 
 def bind_symbols(func: Function, inputs: dict[str, np.ndarray]) -> dict[str, int]:
@@ -72,4 +72,4 @@ def run_module(module: Module, entry: str, inputs: dict[str, np.ndarray], **kw) 
     return run(module.functions[entry], inputs, module.weights, **kw)
 
 
-__all__ = ["run", "run_module", "bind_symbols", "dim_symbols"]
+__all__ = ["run", "run_module", "bind_symbols"]

@@ -11,6 +11,8 @@ from typing import Callable
 
 import numpy as np
 
+from ..errors import LLMOptError
+from .quant_schemes import get_scheme
 from .rope import rope_attrs_inv_freq
 from .types import DTYPES, Dim, TensorType, add_dims, eval_dim
 
@@ -409,10 +411,7 @@ register("take_last", 1, _infer_take_last, _take_last_ref, attrs=("axis",),
 
 
 def _quant_scheme(attrs):
-    """The scheme a ``dequantize`` names. Imported when used: the schemes live in passes/quant,
-    which imports the IR, so a module-level import here would be a cycle."""
-    from ..errors import LLMOptError
-    from ..passes.quant.schemes import get_scheme
+    """The scheme a ``dequantize`` names (ir/quant_schemes.py), or an OpError."""
     try:
         return get_scheme(attrs["scheme"])
     except LLMOptError as error:

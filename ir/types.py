@@ -89,10 +89,6 @@ def eval_dim(dim: Dim, env: dict[str, int]) -> int:
         raise ValueError(f"symbolic dim {dim!r} uses {missing} which has no value") from None
 
 
-def dim_symbols(dim: Dim) -> set[str]:
-    return set(_terms(dim)[0])
-
-
 @dataclass(frozen=True)
 class TensorType:
     """dtype + shape of one IR value. Rank-0 tensors (scalars) have shape ``()``."""

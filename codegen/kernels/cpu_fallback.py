@@ -9,6 +9,8 @@ fused and run in parallel when there is enough of them to pay for waking the thr
 
 from __future__ import annotations
 
+import math
+
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import ScheduleRule, try_inline
@@ -45,13 +47,7 @@ class CPUFallback(ScheduleRule):
                 leading -= 1  # the last spatial loop is now the vector loop
             outer = loops[:leading]
             extents = [_static_extent(sch, loop) for loop in outer]
-            if outer and (None in extents or _product(extents) >= MIN_PARALLEL):
+            if outer and (None in extents or math.prod(extents) >= MIN_PARALLEL):
                 sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
         return sch
 
-
-def _product(values: list[int]) -> int:
-    result = 1
-    for value in values:
-        result *= value
-    return result

@@ -1,6 +1,6 @@
-"""Weight quantization: schemes as data (``schemes``) and the passes that apply them (``rtn``)."""
+"""Weight quantization: schemes as data (``ir/quant_schemes.py``) and the passes that apply them (``rtn``)."""
 
 from .rtn import QuantizeRTN
-from .schemes import SCHEMES, QuantizedWeight, Scheme, get_scheme
+from ...ir.quant_schemes import SCHEMES, QuantizedWeight, Scheme, get_scheme
 
 __all__ = ["QuantizeRTN", "SCHEMES", "QuantizedWeight", "Scheme", "get_scheme"]

@@ -1,6 +1,6 @@
 """``quantize-rtn``: round-to-nearest weight quantization of every ``linear`` that reads a stored weight.
 
-Options: ``scheme`` (a name in ``passes.quant.schemes.SCHEMES``, default ``w4g128``) and ``exclude``
+Options: ``scheme`` (a name in ``ir.quant_schemes.SCHEMES``, default ``w4g128``) and ``exclude``
 (comma-separated substrings; a weight whose name contains one stays in float, default ``lm_head``).
 In a pipeline spec the option list is itself comma-separated, so only one substring fits there.
 
@@ -31,7 +31,7 @@ from ...ir.types import TensorType
 from ...ir.weights import WeightStore
 from ..base import Pass, PassResult, map_functions
 from ..rewrite import rebuild, renamed
-from .schemes import QuantizedWeight, Scheme, get_scheme
+from ...ir.quant_schemes import QuantizedWeight, Scheme, get_scheme
 
 PARTS = ("packed", "scales", "zeros")
 

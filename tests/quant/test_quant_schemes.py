@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from llmopt.errors import LLMOptError
-from llmopt.passes.quant.schemes import SCHEMES, QuantizedWeight, Scheme, get_scheme
+from llmopt.ir.quant_schemes import SCHEMES, QuantizedWeight, Scheme, get_scheme
 
 
 def rederive(scheme: Scheme, w: np.ndarray):

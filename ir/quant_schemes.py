@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...errors import LLMOptError
+from ..errors import LLMOptError
 
 
 @dataclass(frozen=True)
