@@ -13,6 +13,8 @@ output channel).
 
 A group whose scale would be 0 (all zeros; or, asymmetric, all equal to ``c``) gets scale 1
 (asymmetric: ``|c|`` when ``c != 0``), so it still dequantizes exactly.
+Codebook schemes (NF4, FP8 E4M3) store the index of a level instead: ``w ~ codebook[code] * scale``
+with ``scale = max|w| / max|codebook|`` per group, each value rounded to the nearest level.
 Rounding is numpy's round-half-to-even. Except for the clip at the edge of the code range, which
 only ever moves a value by at most half a step, each value is within ``scale / 2`` of its weight.
 
@@ -25,6 +27,7 @@ straddles two words, which keeps unpacking one shift and one mask.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +50,7 @@ class Scheme:
     symmetric: bool
     storage_dtype: str = "u32"
     scale_dtype: str = "f32"
+    codebook: tuple[float, ...] | None = None  # level of each code (NF4, FP8); None: integer levels
 
     def __post_init__(self):
         problems = []
@@ -58,6 +62,8 @@ class Scheme:
             problems.append(f"group_size={self.group_size} is negative")
         if self.storage_dtype != "u32":
             problems.append(f"storage_dtype={self.storage_dtype!r} is not 'u32'")
+        if self.codebook is not None and (len(self.codebook) != 2 ** self.bits or not self.symmetric):
+            problems.append(f"a codebook needs 2**bits = {2 ** self.bits} levels and symmetric=True")
         if self.scale_dtype != "f32":
             problems.append(f"scale_dtype={self.scale_dtype!r} is not 'f32'")
         if problems:
@@ -89,34 +95,80 @@ class Scheme:
         return in_features // self.group_of(in_features)
 
     # ---- numpy reference -----------------------------------------------------------------------
+    # Three primitives, on groups (the last axis holds one group's values; ``scale`` and ``zero``
+    # have the shape of the other axes): ``grid`` picks a group's scale (and zero), ``encode``
+    # rounds values onto that grid, ``decode`` maps codes back. Methods that choose their own grid
+    # or round column by column (GPTQ, AWQ's clipping search) compose them.
+
+    def grid(self, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Round-to-nearest scale (and zero point, asymmetric only) of each group."""
+        groups = groups.astype(np.float32)
+        if self.codebook is not None:
+            scale = np.abs(groups).max(axis=-1) / np.float32(max(abs(v) for v in self.codebook))
+            return np.where(scale > 0, scale, np.float32(1)).astype(np.float32), None
+        if self.symmetric:
+            scale = np.abs(groups).max(axis=-1) / np.float32(self.qmax)
+            return np.where(scale > 0, scale, np.float32(1)).astype(np.float32), None
+        low, high = groups.min(axis=-1), groups.max(axis=-1)
+        scale = (high - low) / np.float32(2 ** self.bits - 1)
+        flat = np.where(low != 0, np.abs(low), np.float32(1))
+        scale = np.where(scale > 0, scale, flat).astype(np.float32)
+        return scale, np.round(-low / scale).astype(np.float32)
+
+    def encode(self, values: np.ndarray, scale: np.ndarray, zero: np.ndarray | None) -> np.ndarray:
+        """uint8 codes of ``values`` on the grid ``scale``/``zero`` (broadcast over the last axis)."""
+        scaled = values.astype(np.float32) / scale[..., None]
+        if self.codebook is not None:
+            return self._nearest_code(scaled)
+        if self.symmetric:
+            return (np.clip(np.round(scaled), -self.qmax, self.qmax) + self.offset).astype(np.uint8)
+        return np.clip(np.round(scaled) + zero[..., None], 0, 2 ** self.bits - 1).astype(np.uint8)
+
+    def decode(self, codes: np.ndarray, scale: np.ndarray, zero: np.ndarray | None) -> np.ndarray:
+        """f32 values of ``codes`` on the grid ``scale``/``zero``."""
+        if self.codebook is not None:
+            levels = np.asarray(self.codebook, np.float32)[codes]
+        else:
+            levels = codes.astype(np.float32) - (zero[..., None] if zero is not None else np.float32(self.offset))
+        return (levels * scale[..., None]).astype(np.float32)
+
+    @property
+    def qmax(self) -> int:
+        """Largest symmetric integer level."""
+        return 2 ** (self.bits - 1) - 1
+
+    @property
+    def offset(self) -> int:
+        """What a symmetric integer code adds to its level."""
+        return 2 ** (self.bits - 1)
+
+    @property
+    def has_zeros(self) -> bool:
+        return not self.symmetric and self.codebook is None
+
+    def _nearest_code(self, scaled: np.ndarray) -> np.ndarray:
+        """Index of the nearest codebook level (ties: the lower level); NaN levels are never chosen."""
+        levels = np.asarray(self.codebook, np.float64)
+        usable = np.flatnonzero(~np.isnan(levels))
+        order = usable[np.argsort(levels[usable], kind="stable")]
+        sorted_levels = levels[order]
+        midpoints = (sorted_levels[1:] + sorted_levels[:-1]) / 2
+        return order[np.searchsorted(midpoints, scaled, side="left")].astype(np.uint8)
+
+    def _groups(self, w: np.ndarray) -> np.ndarray:
+        n, k = w.shape
+        return w.reshape(n, self.groups(k), self.group_of(k))
 
     def quantize(self, w: np.ndarray) -> QuantizedWeight:
         """Round-to-nearest quantization of ``w[N, K]``."""
-        n, k = w.shape
-        groups = w.astype(np.float32).reshape(n, self.groups(k), self.group_of(k))
-        if self.symmetric:
-            qmax = 2 ** (self.bits - 1) - 1
-            scale = np.abs(groups).max(axis=-1) / np.float32(qmax)
-            scale = np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
-            q = np.clip(np.round(groups / scale[..., None]), -qmax, qmax)
-            codes = q + 2 ** (self.bits - 1)
-            zeros = None
-        else:
-            low, high = groups.min(axis=-1), groups.max(axis=-1)
-            scale = (high - low) / np.float32(2 ** self.bits - 1)
-            flat = np.where(low != 0, np.abs(low), np.float32(1))
-            scale = np.where(scale > 0, scale, flat).astype(np.float32)
-            zeros = np.round(-low / scale).astype(np.float32)
-            codes = np.clip(np.round(groups / scale[..., None]) + zeros[..., None], 0, 2 ** self.bits - 1)
-        return QuantizedWeight(codes.reshape(n, k).astype(np.uint8), scale, zeros)
+        groups = self._groups(w.astype(np.float32))
+        scale, zero = self.grid(groups)
+        return QuantizedWeight(self.encode(groups, scale, zero).reshape(w.shape), scale, zero)
 
     def dequantize(self, quantized: QuantizedWeight) -> np.ndarray:
         """f32 ``[N, K]`` from codes, scales and zeros."""
         codes = quantized.codes
-        n, k = codes.shape
-        groups = codes.reshape(n, self.groups(k), self.group_of(k)).astype(np.float32)
-        zero = quantized.zeros if not self.symmetric else np.full_like(quantized.scales, 2 ** (self.bits - 1))
-        return ((groups - zero[..., None]) * quantized.scales[..., None]).reshape(n, k).astype(np.float32)
+        return self.decode(self._groups(codes), quantized.scales, quantized.zeros).reshape(codes.shape)
 
     def pack(self, codes: np.ndarray) -> np.ndarray:
         """uint32 ``[N, packed_width(K)]`` holding ``codes[N, K]`` (see the module docstring)."""
@@ -140,19 +192,51 @@ class Scheme:
         return self.dequantize(QuantizedWeight(self.unpack(packed, in_features), scales, zeros))
 
 
+NF4_LEVELS = (  # QLoRA's NormalFloat4: quantiles of N(0, 1), scaled to [-1, 1], with an exact zero
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0)
+
+
+def fp8_e4m3_levels() -> tuple[float, ...]:
+    """The value of each FP8 E4M3 (``e4m3fn``) byte: 1 sign, 4 exponent (bias 7), 3 mantissa bits,
+    no infinities; the two NaN bytes (S.1111.111) are levels ``encode`` never picks."""
+    levels = []
+    for byte in range(256):
+        sign = -1.0 if byte >> 7 else 1.0
+        exponent, mantissa = (byte >> 3) & 0xF, byte & 0x7
+        if exponent == 0xF and mantissa == 0x7:
+            levels.append(float("nan"))
+        elif exponent == 0:
+            levels.append(sign * mantissa / 8 * 2.0 ** -6)
+        else:
+            levels.append(sign * (1 + mantissa / 8) * 2.0 ** (exponent - 7))
+    return tuple(levels)
+
+
+def _integer_scheme(name: str) -> Scheme | None:
+    """``w<bits>[g<group>][-asym]`` (e.g. ``w4``, ``w3g64-asym``), or None when ``name`` is not one."""
+    match = re.fullmatch(r"w([2-8])(?:g(\d+))?(-asym)?", name)
+    if match is None or (match[2] is not None and int(match[2]) <= 0):
+        return None
+    return Scheme(name, bits=int(match[1]), group_size=int(match[2] or 0), symmetric=match[3] is None)
+
+
 SCHEMES: dict[str, Scheme] = {scheme.name: scheme for scheme in (
-    Scheme("w8", bits=8, group_size=0, symmetric=True),
-    Scheme("w4g128", bits=4, group_size=128, symmetric=True),
-    Scheme("w4g32-asym", bits=4, group_size=32, symmetric=False),
-    Scheme("w4g64", bits=4, group_size=64, symmetric=True),
-    Scheme("w3g128", bits=3, group_size=128, symmetric=True),
+    *(_integer_scheme(name) for name in ("w8", "w8g128", "w4", "w4g128", "w4g64", "w4g32", "w4g128-asym",
+                                         "w4g32-asym", "w3g128", "w3g128-asym", "w3g64")),
+    Scheme("nf4g64", bits=4, group_size=64, symmetric=True, codebook=NF4_LEVELS),
+    Scheme("nf4g128", bits=4, group_size=128, symmetric=True, codebook=NF4_LEVELS),
+    Scheme("fp8", bits=8, group_size=0, symmetric=True, codebook=fp8_e4m3_levels()),
 )}
 
 
 def get_scheme(name: str) -> Scheme:
-    """The registered scheme ``name``; an LLMOptError naming the known ones otherwise."""
-    try:
-        return SCHEMES[name]
-    except KeyError:
+    """The scheme ``name``: a registered one, or any ``w<bits>[g<group>][-asym]``; an LLMOptError
+    naming the known ones otherwise."""
+    scheme = SCHEMES.get(name) or _integer_scheme(name)
+    if scheme is None:
         raise LLMOptError(f"unknown quantization scheme {name!r}.",
-                          f"Known schemes: {', '.join(SCHEMES)}.") from None
+                          f"Known schemes: {', '.join(SCHEMES)}, or any w<bits 2-8>[g<group>][-asym].")
+    return scheme

@@ -105,7 +105,7 @@ def test_dequantize_op_checks_its_operands():
     with pytest.raises(OpError, match="expected operands"):
         infer_type("dequantize", [packed, groups], attrs)
     with pytest.raises(OpError, match="unknown quantization scheme"):
-        infer_type("dequantize", [packed, groups], {**attrs, "scheme": "w5"})
+        infer_type("dequantize", [packed, groups], {**attrs, "scheme": "int5"})
 
 
 def test_pipeline_spec_and_unknown_scheme():

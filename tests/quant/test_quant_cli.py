@@ -32,8 +32,8 @@ def test_build_with_quant_stores_quantized_weights(tiny_llama, tmp_path):
 
 def test_unknown_scheme_is_a_user_error(tiny_llama, tmp_path, capsys):
     with pytest.raises(SystemExit) as done:
-        main(["build", str(tiny_llama), "--quant", "w5", "-o", str(tmp_path / "out")])
+        main(["build", str(tiny_llama), "--quant", "int5", "-o", str(tmp_path / "out")])
     assert done.value.code == USER_ERROR_EXIT
     err = capsys.readouterr().err
-    assert "w5" in err and "w8" in err and "Traceback" not in err
+    assert "int5" in err and "w8" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()

@@ -56,7 +56,11 @@ def test_three_bit_codes_go_ten_to_a_word():
     assert SCHEMES["w4g128"].packed_width(128) == 16 and SCHEMES["w8"].packed_width(128) == 32
 
 
-@pytest.mark.parametrize("name", sorted(SCHEMES))
+INTEGER_SCHEMES = sorted(name for name, scheme in SCHEMES.items() if scheme.codebook is None)
+CODEBOOK_SCHEMES = sorted(name for name, scheme in SCHEMES.items() if scheme.codebook is not None)
+
+
+@pytest.mark.parametrize("name", INTEGER_SCHEMES)
 def test_quantize_matches_rederivation_and_error_is_within_half_a_step(name):
     scheme = SCHEMES[name]
     rng = np.random.default_rng(2)
@@ -95,8 +99,8 @@ def test_asymmetric_weights_on_the_grid_are_reproduced_exactly():
 
 def test_unknown_scheme_lists_the_known_ones():
     with pytest.raises(LLMOptError) as error:
-        get_scheme("w5")
-    assert "w5" in error.value.message and all(name in error.value.hint for name in SCHEMES)
+        get_scheme("int5")
+    assert "int5" in error.value.message and all(name in error.value.hint for name in SCHEMES)
 
 
 def test_invalid_scheme_and_group_mismatch_are_user_errors():
@@ -107,3 +111,55 @@ def test_invalid_scheme_and_group_mismatch_are_user_errors():
     with pytest.raises(LLMOptError, match="not a multiple"):
         SCHEMES["w4g128"].quantize(np.zeros((2, 64), np.float32))
     assert isinstance(SCHEMES["w8"].quantize(np.ones((2, 3), np.float32)), QuantizedWeight)
+
+
+def test_fp8_levels_are_torchs_float8_e4m3fn():
+    import torch
+    every_byte = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+    levels = np.array(SCHEMES["fp8"].codebook, np.float32)
+    np.testing.assert_array_equal(np.isnan(levels), np.isnan(every_byte))
+    np.testing.assert_array_equal(levels[~np.isnan(levels)], every_byte[~np.isnan(every_byte)])
+
+
+def test_fp8_rounds_like_torchs_cast():
+    import torch
+    scheme = SCHEMES["fp8"]
+    w = (np.random.default_rng(3).standard_normal((8, 512)) * np.geomspace(1e-3, 10, 512)).astype(np.float32)
+    q = scheme.quantize(w)
+    np.testing.assert_allclose(q.scales[:, 0], np.abs(w).max(axis=1) / 448, rtol=1e-6)
+    ours = scheme.dequantize(q)
+    scaled = torch.from_numpy(w / q.scales)
+    theirs = scaled.to(torch.float8_e4m3fn).float().numpy() * q.scales
+    assert np.mean(ours == theirs) > 0.999  # only exact ties may round differently (torch: to even)
+
+
+@pytest.mark.parametrize("name", CODEBOOK_SCHEMES)
+def test_codebook_schemes_pick_the_nearest_level(name):
+    scheme = SCHEMES[name]
+    w = np.random.default_rng(4).standard_normal((4, 256)).astype(np.float32)
+    q = scheme.quantize(w)
+    group = scheme.group_size or 256
+    scale = np.repeat(q.scales, group, axis=1)
+    levels = np.array(scheme.codebook, np.float64)
+    distance = np.abs(w[..., None] / scale[..., None] - np.where(np.isnan(levels), np.inf, levels))
+    np.testing.assert_array_equal(q.codes, distance.argmin(axis=-1))  # argmin: ties to the first level
+    np.testing.assert_array_equal(scheme.dequantize(q), (levels[q.codes] * scale).astype(np.float32))
+    assert q.zeros is None and np.all(np.abs(levels[q.codes]).max(axis=1) == np.abs(levels[~np.isnan(levels)]).max())
+
+
+def test_nf4_levels_are_symmetric_quantiles_with_an_exact_zero():
+    levels = np.array(SCHEMES["nf4g64"].codebook)
+    assert levels[0] == -1 and levels[-1] == 1 and 0.0 in levels and np.all(np.diff(levels) > 0)
+
+
+@pytest.mark.parametrize("name, bits, group, symmetric", [
+    ("w4", 4, 0, True), ("w6g16-asym", 6, 16, False), ("w2g32", 2, 32, True)])
+def test_integer_scheme_names_parse(name, bits, group, symmetric):
+    scheme = get_scheme(name)
+    assert (scheme.bits, scheme.group_size, scheme.symmetric, scheme.codebook) == (bits, group, symmetric, None)
+
+
+@pytest.mark.parametrize("name", ["w9", "w4g0", "int4", "w4g128asym"])
+def test_bad_scheme_names_are_refused(name):
+    with pytest.raises(LLMOptError, match="unknown quantization scheme"):
+        get_scheme(name)
