@@ -71,7 +71,7 @@ def test_golden_text_asymmetric_and_lm_head_excluded_by_default():
 
 def test_golden_text_symmetric_nothing_excluded():
     store = random_store(**SHAPES)
-    result = check_pass(QuantizeRTN(scheme="w8", exclude=""), BEFORE, EXPECTED_W8_NO_EXCLUDE, store, inputs={})
+    result = check_pass(QuantizeRTN(scheme="w8", rules=""), BEFORE, EXPECTED_W8_NO_EXCLUDE, store, inputs={})
     assert result.stats["weights_quantized"] == 2
     x = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
     up, head = (dequantized(SCHEMES["w8"], store.get(n)) for n in ("blk.up.weight", "lm_head.weight"))
@@ -109,10 +109,28 @@ def test_dequantize_op_checks_its_operands():
 
 
 def test_pipeline_spec_and_unknown_scheme():
-    (pass_,) = build_pipeline("quantize-rtn{scheme=w8,exclude=up}")
-    assert pass_ == QuantizeRTN(scheme="w8", exclude="up")
+    (pass_,) = build_pipeline("quantize-rtn{scheme=w8,rules=up=skip;lm_head=w4g128}")
+    assert pass_ == QuantizeRTN(scheme="w8", rules="up=skip;lm_head=w4g128")
     with pytest.raises(LLMOptError, match="w4g128"):
         build_pipeline("quantize-rtn{scheme=int4}")[0].apply(parse_module(ir(BEFORE), random_store(**SHAPES)))
+
+
+def test_rules_choose_a_scheme_per_layer_first_match_wins():
+    store = random_store(**SHAPES)
+    module = parse_module(ir(BEFORE), store)
+    result = QuantizeRTN(scheme="w4g32-asym", rules="lm_head=w8;blk.*=skip").apply(module)
+    schemes = {n.source: n.attr["scheme"] for n in result.module.functions["f"].nodes if n.op == "dequantize"}
+    assert schemes == {"lm_head": "w8"}  # blk.up matched the glob and stays float
+    result = QuantizeRTN(scheme="w8", rules="*.up.weight=w4g32-asym;up=skip").apply(module)
+    schemes = {n.source: n.attr["scheme"] for n in result.module.functions["f"].nodes if n.op == "dequantize"}
+    assert schemes == {"blk.up": "w4g32-asym", "lm_head": "w8"}  # the weight name matched first
+
+
+def test_bad_rules_are_user_errors():
+    with pytest.raises(LLMOptError, match="pattern=scheme"):
+        QuantizeRTN(rules="lm_head").apply(parse_module(ir(BEFORE), random_store(**SHAPES)))
+    with pytest.raises(LLMOptError, match="unknown quantization scheme 'int2'"):
+        QuantizeRTN(rules="lm_head=int2").apply(parse_module(ir(BEFORE), random_store(**SHAPES)))
 
 
 def logits_error(module, spec: str) -> tuple[float, dict]:
