@@ -41,10 +41,22 @@ def cli():
     """
 
 
-def _build_options(target, arch, pipeline, disable_pass, dump_dir, verify, quant=None):
+def _build_options(target, arch, pipeline, disable_pass, dump_dir, verify, quant=None, quant_rules=None,
+                   calibration=()):
     from .compiler import BuildOptions
     return BuildOptions(target=target, arch=arch, pipeline=pipeline, disabled_passes=tuple(disable_pass),
-                        dump_dir=dump_dir, verify=verify, quant=quant)
+                        dump_dir=dump_dir, verify=verify, quant=quant, quant_rules=quant_rules,
+                        calibration=tuple(calibration))
+
+
+def _key_values(items, option: str) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise LLMOptError(f"{option} {item!r} is not KEY=VALUE.", f"Write e.g. {option} samples=64.")
+        pairs.append((key.strip(), value.strip()))
+    return tuple(pairs)
 
 
 _pipeline_option = click.option("--pipeline", default="default", show_default=True,
@@ -63,20 +75,28 @@ _disable_option = click.option("--disable-pass", multiple=True, metavar="NAME", 
 @click.option("--verify", is_flag=True, help="After every pass, run the IR verifier and check the reference "
               "interpreter's outputs against the input's.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--quant", default=None, metavar="SCHEME",
-              help="Quantize linear weights (round to nearest; lm_head kept), e.g. w8, w4g32-asym.")
-def build(model, target, arch, out, pipeline, disable_pass, dump_dir, verify, force, quant):
+@click.option("--quant", default=None, metavar="[METHOD:]SCHEME",
+              help="Quantize linear weights (lm_head kept): METHOD rtn (default), gptq or awq; SCHEME e.g. w8, "
+                   "w4g128, w4g32-asym, w3g128, nf4g64, fp8.")
+@click.option("--quant-rules", default=None, metavar="RULES",
+              help="Per-layer schemes, first match wins: 'lm_head=w8;layers.0.*=skip' (default lm_head=skip).")
+@click.option("--calib", "calibration", multiple=True, metavar="KEY=VALUE",
+              help="Calibration for gptq/awq: calibration=TEXT_FILE, samples=N, seq_len=N, seed=N.")
+def build(model, target, arch, out, pipeline, disable_pass, dump_dir, verify, force, quant, quant_rules,
+          calibration):
     """Compile MODEL (an HF folder, a .gguf file, or 'smollm2') into an artifact directory.
 
     \b
     Examples:
       llmopt build smollm2 --target cpu -o out/smollm2
       llmopt build smollm2 --quant w8 -o out/smollm2-w8
+      llmopt build smollm2 --quant gptq:w4g128 --calib samples=64 -o out/smollm2-gptq
     """
     import torch  # noqa: F401  (torch before tvm: tvm_ffi's torch hooks want it first)
     from .compiler import build as build_artifact
     console = _console()
-    options = _build_options(target, arch, pipeline, disable_pass, dump_dir, verify, quant)
+    options = _build_options(target, arch, pipeline, disable_pass, dump_dir, verify, quant, quant_rules,
+                             _key_values(calibration, "--calib"))
     with console.status("building") as status:
         manifest = build_artifact(model, out, options, force, report=lambda line: (status.update(line),
                                                                                     console.log(line)))
@@ -112,16 +132,38 @@ def run(artifact, prompt, max_tokens, temperature, top_p, seed):
 @click.argument("model_or_artifact")
 @click.option("--text", type=click.Path(exists=True, dir_okay=False), default=str(DEFAULT_TEXT), show_default=True,
               help="UTF-8 text file to measure perplexity on.")
-@click.option("--context", default=1024, show_default=True, help="Window length in tokens.")
-@click.option("--tokens", "max_tokens", default=None, type=int, help="Use only the first N tokens of the text.")
+@click.option("--context", default=None, type=click.IntRange(min=2),
+              help="Window length in tokens.  [default: 1024; with --compare 256]")
+@click.option("--tokens", "max_tokens", default=None, type=int,
+              help="Use only the first N tokens of the text.  [default: all; with --compare 2048]")
 @_pipeline_option
-def evaluate(model_or_artifact, text, context, max_tokens, pipeline):
+@click.option("--compare", "compare_specs", default=None, metavar="SPECS",
+              help="Build MODEL once per quantization variant and compare them: comma-separated specs, "
+              "e.g. fp32,w8,w4g128,gptq:w4g128 (fp32, no quantization, is always included).")
+@click.option("--out-dir", type=click.Path(file_okay=False), default=None,
+              help="--compare: write compare.json and compare.md here.  [default: out/compare]")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="--compare: threads for timing prefill and decode.  [default: all cores]")
+def evaluate(model_or_artifact, text, context, max_tokens, pipeline, compare_specs, out_dir, threads):
     """Perplexity of an artifact (or of a model, built for the CPU first) on --text.
 
+    With --compare, build the model once per quantization variant and print, per variant, weight
+    and artifact size, peak memory, prefill and decode speed, perplexity, and the KL divergence of
+    its next-token distribution from fp32's (also written to --out-dir as JSON and Markdown).
+
     \b
-    Example:
+    Examples:
       llmopt eval out/smollm2 --text ../shared/data/austen/persuasion.txt --context 1024 --tokens 8192
+      llmopt eval smollm2 --compare fp32,w8,w4g128,w4g32-asym --out-dir out/compare
     """
+    if compare_specs is not None:
+        _compare(model_or_artifact, compare_specs, text, 256 if context is None else context,
+                 2048 if max_tokens is None else max_tokens, threads, out_dir or "out/compare", pipeline)
+        return
+    if out_dir is not None or threads is not None:
+        raise LLMOptError("--out-dir and --threads apply only to eval --compare.",
+                          "Add --compare SPECS, or leave them out.")
+    context = 1024 if context is None else context
     from .runtime import load
     from .runtime.perplexity import perplexity
     console = _console()
@@ -141,6 +183,20 @@ def evaluate(model_or_artifact, text, context, max_tokens, pipeline):
             result = perplexity(model.forward_logits, ids, context, max_tokens,
                                 progress=lambda done, total: bar.update(task, completed=done, total=total))
     click.echo(f"{Path(text).name}: {result.describe()}")
+
+
+def _compare(model, specs, text, context, max_tokens, threads, out_dir, pipeline):
+    import torch  # noqa: F401  (torch before tvm)
+    from rich.console import Console
+    from .compare import CompareSettings, compare, parse_specs, render_table, write_outputs
+    settings = CompareSettings(text=text, context=context, max_tokens=max_tokens, pipeline=pipeline,
+                               **({"threads": threads} if threads else {}))
+    console = _console()
+    with console.status("comparing") as status:
+        result = compare(model, parse_specs(specs), settings, report=lambda line: status.update(line))
+    Console(width=None if sys.stdout.isatty() else 160).print(render_table(result))
+    json_path, md_path = write_outputs(result, out_dir)
+    console.print(f"wrote {json_path} and {md_path}")
 
 
 class _IRGroup(click.Group):

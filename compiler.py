@@ -25,7 +25,9 @@ class BuildOptions:
     disabled_passes: tuple[str, ...] = ()
     dump_dir: str | None = None
     verify: bool = False
-    quant: str | None = None  # a weight quantization scheme (ir/quant_schemes.py), applied by RTN
+    quant: str | None = None  # "[METHOD:]SCHEME": a method in QUANT_METHODS (default rtn), a scheme name
+    quant_rules: str | None = None  # per-layer schemes, "pattern=scheme;..." (None: the pass's default)
+    calibration: tuple[tuple[str, str], ...] = ()  # (option, value) for calibrated methods: text, samples, ...
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -54,7 +56,7 @@ def optimize(module: Module, options: BuildOptions, report: BuildReport | None =
                    + debug_instruments())  # LLMOPT_DEBUG levels; last, so a dump is on disk before Verify stops
     passes = build_pipeline(options.pipeline)
     if options.quant:
-        passes = with_quantization(passes, options.quant)
+        passes = with_quantization(passes, quantization_pass(options.quant, options.quant_rules, options.calibration))
     manager = PassManager(passes, instruments, options.disabled_passes)
     module = manager.run(module)
     if report is not None:
@@ -62,17 +64,40 @@ def optimize(module: Module, options: BuildOptions, report: BuildReport | None =
     return module
 
 
-def with_quantization(passes: list, scheme: str) -> list:
-    """``passes`` with round-to-nearest quantization to ``scheme`` before cleanup: after fusion and
-    folding (so fused weights are quantized whole), before ``cse``, and a ``dce`` after it so the
-    float weights it replaced are not stored."""
-    from .passes.dce import DeadCodeElimination
-    from .passes.quant.rtn import QuantizeRTN
+QUANT_METHODS = {"rtn": "quantize-rtn", "gptq": "quantize-gptq", "awq": "quantize-awq"}
+
+
+def quantization_pass(spec: str, rules: str | None = None, calibration: tuple[tuple[str, str], ...] = ()):
+    """The pass a ``--quant`` spec names: ``SCHEME`` (round-to-nearest) or ``METHOD:SCHEME``."""
     from .ir.quant_schemes import get_scheme
+    from .passes.manager import PASSES
+    from .passes.quant.calibrated import CalibratedQuantization
+    method, _, scheme = spec.rpartition(":")
+    method = method or "rtn"
+    if method not in QUANT_METHODS or QUANT_METHODS[method] not in PASSES:
+        known = [m for m, name in QUANT_METHODS.items() if name in PASSES]
+        raise LLMOptError(f"unknown quantization method {method!r} in --quant {spec}.",
+                          f"Write --quant [METHOD:]SCHEME with METHOD one of {', '.join(known)}, e.g. gptq:w4g128.")
     get_scheme(scheme)  # an unknown name fails before any work
+    cls = PASSES[QUANT_METHODS[method]]
+    options = {"scheme": scheme, **({"rules": rules} if rules is not None else {})}
+    if issubclass(cls, CalibratedQuantization):
+        types = {"calibration": str, "samples": int, "seq_len": int, "seed": int}
+        for key, value in calibration:
+            if key not in types:
+                raise LLMOptError(f"unknown calibration option {key!r}.", f"Known: {', '.join(types)}.")
+            options[key] = types[key](value)
+    return cls(**options)
+
+
+def with_quantization(passes: list, quant_pass) -> list:
+    """``passes`` with ``quant_pass`` before cleanup: after fusion and folding (so fused weights are
+    quantized whole), before ``cse``, and a ``dce`` after it so the float weights it replaced are
+    not stored."""
+    from .passes.dce import DeadCodeElimination
     names = [p.name for p in passes]
     at = names.index("cse") if "cse" in names else len(passes)
-    passes = passes[:at] + [QuantizeRTN(scheme=scheme)] + passes[at:]
+    passes = passes[:at] + [quant_pass] + passes[at:]
     return passes if "dce" in names[at:] else passes + [DeadCodeElimination()]
 
 

@@ -1,0 +1,73 @@
+"""The frame of every calibration-driven weight-quantization pass (GPTQ, AWQ, ...).
+
+A subclass implements ``quantize_weight(w, inputs, scheme)``: the ``QuantizedWeight`` of one
+linear's f32 weight ``w[N, K]`` given that linear's inputs on the calibration set (one array per
+sample, last axis ``K``), computed on the outputs of the already-quantized layers before it (see
+``stream_linears``). The frame chooses schemes per layer (``LayerRules``), streams the
+calibration set through the model, and rewrites the graph with the codes the method chose
+(``quantize_linears``). Weights that calibration never reached (a linear only in ``decode``)
+fall back to round-to-nearest.
+
+Common options: ``scheme``, ``rules`` (as in quantize-rtn), ``calibration`` (a UTF-8 text file),
+``samples`` and ``seq_len`` (the calibration set's size) and ``seed`` (where windows are cut).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...ir.graph import Module, Node
+from ...ir.quant_schemes import QuantizedWeight, Scheme
+from ..base import Pass, PassResult
+from .calibration import DEFAULT_CALIBRATION_TEXT, calibration_tokens, stream_linears
+from .rewrite import LayerRules, quantize_linears
+
+
+@dataclass(frozen=True)
+class CalibratedQuantization(Pass):
+    scheme: str = "w4g128"
+    rules: str = "lm_head=skip"
+    calibration: str = str(DEFAULT_CALIBRATION_TEXT)
+    samples: int = 32
+    seq_len: int = 256
+    seed: int = 0
+
+    def quantize_weight(self, w: np.ndarray, inputs: list[np.ndarray], scheme: Scheme) -> QuantizedWeight:
+        raise NotImplementedError(f"{type(self).__name__} does not implement quantize_weight()")
+
+    def effective_weight(self, quantized: QuantizedWeight, scheme: Scheme) -> np.ndarray:
+        """What the rewritten graph multiplies by, in the ``[N, K]`` frame of the original weight
+        (methods that also rescale the input override this); later layers calibrate on it."""
+        return scheme.dequantize(quantized)
+
+    def apply(self, module: Module) -> PassResult:
+        tokens = calibration_tokens(module, self.calibration, self.samples, self.seq_len, self.seed)
+        return self.apply_with_tokens(module, tokens)
+
+    def apply_with_tokens(self, module: Module, tokens: np.ndarray) -> PassResult:
+        """``apply`` on a given calibration set: int32 token ids ``[samples, seq_len]``."""
+        rules = LayerRules(self.scheme, self.rules)
+        results: dict[tuple[str, str], QuantizedWeight] = {}
+
+        def scheme_of(linear: Node, weight: Node) -> Scheme | None:
+            return rules.scheme_for(linear.source, weight.attr["name"])
+
+        def visit(linear: Node, weight: Node, inputs: list[np.ndarray]) -> np.ndarray | None:
+            scheme, name = scheme_of(linear, weight), weight.attr["name"]
+            if scheme is None or not scheme.supports(weight.type.shape[1]):
+                return None
+            if (name, scheme.name) not in results:
+                results[name, scheme.name] = self.quantize_weight(module.weights.get(name), inputs, scheme)
+            return self.effective_weight(results[name, scheme.name], scheme)
+
+        stream_linears(module, tokens, visit)
+        calibrated = len(results)
+
+        def produce(name: str, scheme: Scheme) -> QuantizedWeight:
+            found = results.get((name, scheme.name))
+            return found if found is not None else scheme.quantize(module.weights.get(name))
+
+        result = quantize_linears(module, self.name, scheme_of, produce)
+        return PassResult(result.module, {**result.stats, "calibrated": calibrated})
