@@ -42,11 +42,11 @@ def cli():
 
 
 def _build_options(target, arch, pipeline, disable_pass, dump_dir, verify, quant=None, quant_rules=None,
-                   calibration=()):
+                   calibration=(), bits_budget=None):
     from .compiler import BuildOptions
     return BuildOptions(target=target, arch=arch, pipeline=pipeline, disabled_passes=tuple(disable_pass),
                         dump_dir=dump_dir, verify=verify, quant=quant, quant_rules=quant_rules,
-                        calibration=tuple(calibration))
+                        calibration=tuple(calibration), bits_budget=bits_budget)
 
 
 def _key_values(items, option: str) -> tuple[tuple[str, str], ...]:
@@ -81,9 +81,12 @@ _disable_option = click.option("--disable-pass", multiple=True, metavar="NAME", 
 @click.option("--quant-rules", default=None, metavar="RULES",
               help="Per-layer schemes, first match wins: 'lm_head=w8;layers.0.*=skip' (default lm_head=skip).")
 @click.option("--calib", "calibration", multiple=True, metavar="KEY=VALUE",
-              help="Calibration for gptq/awq: calibration=TEXT_FILE, samples=N, seq_len=N, seed=N.")
+              help="Calibration for gptq/awq and --bits-budget: calibration=TEXT_FILE, samples=N, seq_len=N, seed=N.")
+@click.option("--bits-budget", type=float, default=None, metavar="BITS",
+              help="Measure each linear's sensitivity on calibration text and give each its own scheme, at most "
+                   "BITS bits/weight on average (LM head float, not counted); --quant picks the method.")
 def build(model, target, arch, out, pipeline, disable_pass, dump_dir, verify, force, quant, quant_rules,
-          calibration):
+          calibration, bits_budget):
     """Compile MODEL (an HF folder, a .gguf file, or 'smollm2') into an artifact directory.
 
     \b
@@ -91,15 +94,19 @@ def build(model, target, arch, out, pipeline, disable_pass, dump_dir, verify, fo
       llmopt build smollm2 --target cpu -o out/smollm2
       llmopt build smollm2 --quant w8 -o out/smollm2-w8
       llmopt build smollm2 --quant gptq:w4g128 --calib samples=64 -o out/smollm2-gptq
+      llmopt build smollm2 --bits-budget 4.5 -o out/smollm2-mixed
     """
     import torch  # noqa: F401  (torch before tvm: tvm_ffi's torch hooks want it first)
     from .compiler import build as build_artifact
     console = _console()
     options = _build_options(target, arch, pipeline, disable_pass, dump_dir, verify, quant, quant_rules,
-                             _key_values(calibration, "--calib"))
+                             _key_values(calibration, "--calib"), bits_budget)
     with console.status("building") as status:
         manifest = build_artifact(model, out, options, force, report=lambda line: (status.update(line),
                                                                                     console.log(line)))
+    if "quant_plan" in manifest.created_by:
+        from .passes.quant.mixed_precision import plan_table
+        console.print(plan_table(manifest.created_by["quant_plan"]))
     size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
     console.print(f"wrote {out} ({size / 1e6:.1f} MB, {len(manifest.weights)} weights, target {target})")
 
@@ -144,7 +151,10 @@ def run(artifact, prompt, max_tokens, temperature, top_p, seed):
               help="--compare: write compare.json and compare.md here.  [default: out/compare]")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="--compare: threads for timing prefill and decode.  [default: all cores]")
-def evaluate(model_or_artifact, text, context, max_tokens, pipeline, compare_specs, out_dir, threads):
+@click.option("--keep-artifacts", is_flag=True,
+              help="--compare: keep the variants' artifacts, in OUT_DIR/artifacts/<spec>.")
+def evaluate(model_or_artifact, text, context, max_tokens, pipeline, compare_specs, out_dir, threads,
+             keep_artifacts):
     """Perplexity of an artifact (or of a model, built for the CPU first) on --text.
 
     With --compare, build the model once per quantization variant and print, per variant, weight
@@ -158,10 +168,11 @@ def evaluate(model_or_artifact, text, context, max_tokens, pipeline, compare_spe
     """
     if compare_specs is not None:
         _compare(model_or_artifact, compare_specs, text, 256 if context is None else context,
-                 2048 if max_tokens is None else max_tokens, threads, out_dir or "out/compare", pipeline)
+                 2048 if max_tokens is None else max_tokens, threads, Path(out_dir or "out/compare"), pipeline,
+                 keep_artifacts)
         return
-    if out_dir is not None or threads is not None:
-        raise LLMOptError("--out-dir and --threads apply only to eval --compare.",
+    if out_dir is not None or threads is not None or keep_artifacts:
+        raise LLMOptError("--out-dir, --threads and --keep-artifacts apply only to eval --compare.",
                           "Add --compare SPECS, or leave them out.")
     context = 1024 if context is None else context
     from .runtime import load
@@ -185,7 +196,7 @@ def evaluate(model_or_artifact, text, context, max_tokens, pipeline, compare_spe
     click.echo(f"{Path(text).name}: {result.describe()}")
 
 
-def _compare(model, specs, text, context, max_tokens, threads, out_dir, pipeline):
+def _compare(model, specs, text, context, max_tokens, threads, out_dir, pipeline, keep_artifacts):
     import torch  # noqa: F401  (torch before tvm)
     from rich.console import Console
     from .compare import CompareSettings, compare, parse_specs, render_table, write_outputs
@@ -193,10 +204,11 @@ def _compare(model, specs, text, context, max_tokens, threads, out_dir, pipeline
                                **({"threads": threads} if threads else {}))
     console = _console()
     with console.status("comparing") as status:
-        result = compare(model, parse_specs(specs), settings, report=lambda line: status.update(line))
+        result = compare(model, parse_specs(specs), settings, out_dir / "artifacts" if keep_artifacts else None,
+                         report=lambda line: status.update(line))
     Console(width=None if sys.stdout.isatty() else 160).print(render_table(result))
     json_path, md_path = write_outputs(result, out_dir)
-    console.print(f"wrote {json_path} and {md_path}")
+    click.echo(f"wrote {json_path} and {md_path}", err=True)
 
 
 class _IRGroup(click.Group):

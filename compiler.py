@@ -28,6 +28,7 @@ class BuildOptions:
     quant: str | None = None  # "[METHOD:]SCHEME": a method in QUANT_METHODS (default rtn), a scheme name
     quant_rules: str | None = None  # per-layer schemes, "pattern=scheme;..." (None: the pass's default)
     calibration: tuple[tuple[str, str], ...] = ()  # (option, value) for calibrated methods: text, samples, ...
+    bits_budget: float | None = None  # plan per-layer schemes for this average bits/weight (quantize-mixed)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -55,8 +56,12 @@ def optimize(module: Module, options: BuildOptions, report: BuildReport | None =
     instruments = (([DumpIR(options.dump_dir)] if options.dump_dir else []) + checks
                    + debug_instruments())  # LLMOPT_DEBUG levels; last, so a dump is on disk before Verify stops
     passes = build_pipeline(options.pipeline)
-    if options.quant:
-        passes = with_quantization(passes, quantization_pass(options.quant, options.quant_rules, options.calibration))
+    if options.quant or options.bits_budget is not None:
+        quant_pass = quantization_pass(options.quant or "w4g128", options.quant_rules, options.calibration)
+        if options.bits_budget is not None:  # measured and planned on the graph quant_pass would see
+            from .passes.quant.mixed_precision import planned_quantization
+            quant_pass = planned_quantization(quant_pass, options.bits_budget, options.quant_rules, options.calibration)
+        passes = with_quantization(passes, quant_pass)
     manager = PassManager(passes, instruments, options.disabled_passes)
     module = manager.run(module)
     if report is not None:
@@ -64,7 +69,8 @@ def optimize(module: Module, options: BuildOptions, report: BuildReport | None =
     return module
 
 
-QUANT_METHODS = {"rtn": "quantize-rtn", "gptq": "quantize-gptq", "awq": "quantize-awq"}
+QUANT_METHODS = {"rtn": "quantize-rtn", "gptq": "quantize-gptq", "awq": "quantize-awq",
+                 "smoothquant": "quantize-smoothquant"}
 
 
 def quantization_pass(spec: str, rules: str | None = None, calibration: tuple[tuple[str, str], ...] = ()):
@@ -116,7 +122,8 @@ def _manifest_fields(module: Module, options: BuildOptions, library, spec, repor
     tokenizer = dict(module.meta.get("tokenizer") or {})
     entry_points = [{"name": f.name, "inputs": [p.name for p in f.params]} for f in module.functions.values()]
     return {
-        "created_by": {"options": options.to_json(), "llmopt": __version__},
+        "created_by": {"options": options.to_json(), "llmopt": __version__,
+                       **({"quant_plan": module.meta["quant_plan"]} if "quant_plan" in module.meta else {})},
         "target": {"name": spec.name, "tvm": library.target, "device": spec.device,
                    "weight_layout": library.layout_note()},
         "library": spec.library_file,

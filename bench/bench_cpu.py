@@ -15,7 +15,7 @@ order; the table reports the median over rounds, and llmopt/torch ratios (> 1: l
 Both systems warm up first on a short prefill and one decode step. Results go to
 ``bench/results/cpu_smollm2.json`` and ``.md``.
 
-    python bench/bench_cpu.py [--rounds 3] [--threads 1,2] [--artifact DIR]
+    python bench/bench_cpu.py [--rounds 3] [--threads 1,2] [--artifact DIR] [--results-name NAME]
                               [--prompt-tokens 128] [--decode-tokens 32] [--hf-folder DIR]
 """
 
@@ -25,9 +25,7 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,35 +33,16 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from llmopt.runtime.speed import artifact_steps, peak_rss_mib, print_result, run_child, time_generation
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RESULTS_NAME = "cpu_smollm2"
 PROMPT_TEXT = Path("/work/shared/data/austen/persuasion.txt")
 PROMPT_CHARS = 20_000  # enough text for a few thousand tokens
 SYSTEMS = ("llmopt", "torch")
-WARMUP_TOKENS = 8
-RESULT_PREFIX = "BENCH_RESULT "
 
 
 # --- child: one (system, threads) configuration ---------------------------------------------
-
-
-def _llmopt_steps(artifact: str):
-    """Greedy prefill/decode over the artifact (TVM_NUM_THREADS is set by the parent)."""
-    import numpy as np
-
-    from llmopt.runtime import load
-
-    model = load(artifact)
-
-    def prefill(ids):
-        logits, cache = model.prefill(np.asarray(ids, dtype=np.int32))
-        return int(logits.argmax()), cache
-
-    def decode(token, cache):
-        logits, cache = model.decode(token, cache)
-        return int(logits.argmax()), cache
-
-    return prefill, decode
 
 
 def _torch_steps(hf_folder: str, threads: int):
@@ -87,58 +66,26 @@ def _torch_steps(hf_folder: str, threads: int):
     return prefill, decode
 
 
-def _peak_rss_mib() -> float:
-    """This process's peak resident memory (VmHWM). Not ``getrusage``: on Linux its ru_maxrss
-    carries the parent's peak over fork+exec, so a child would report at least its parent's."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _measure(prefill, decode, ids: list[int], decode_tokens: int) -> dict:
-    """Time one prefill over `ids` and `decode_tokens` greedy decode steps after it."""
-    token, cache = prefill(ids[:WARMUP_TOKENS])
-    decode(token, cache)
-    start = time.perf_counter()
-    token, cache = prefill(ids)
-    prefill_s = time.perf_counter() - start
-    tokens, step_s = [token], []
-    for _ in range(decode_tokens):
-        start = time.perf_counter()
-        token, cache = decode(token, cache)
-        step_s.append(time.perf_counter() - start)
-        tokens.append(token)
-    return {
-        "prefill_s": prefill_s,
-        "prefill_tok_s": len(ids) / prefill_s,
-        "decode_step_s": step_s,
-        "decode_tok_s": 1 / statistics.median(step_s) if step_s else None,
-        "tokens": tokens,
-    }
-
-
 def _child(args: argparse.Namespace) -> None:
     """Measure one configuration; print its result as one prefixed JSON line."""
     threads = int(args.threads)
     start = time.perf_counter()
     if args.child == "llmopt":
-        prefill, decode = _llmopt_steps(args.artifact)
+        prefill, decode = artifact_steps(args.artifact)
     else:
         prefill, decode = _torch_steps(args.hf_folder, threads)
     load_s = time.perf_counter() - start
     ids = [int(i) for i in args.prompt_ids.split(",")]
-    result = _measure(prefill, decode, ids, args.decode_tokens)
+    result = time_generation(prefill, decode, ids, args.decode_tokens)
     result.update(
         system=args.child,
         threads=threads,
         load_s=load_s,
-        peak_rss_mib=_peak_rss_mib(),
+        peak_rss_mib=peak_rss_mib(),
         torch_imported="torch" in sys.modules,
         load_average=os.getloadavg(),
     )
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    print_result(result)
 
 
 # --- parent: prepare inputs, run the rounds, report ------------------------------------------
@@ -177,15 +124,13 @@ def _build_artifact(hf_folder: Path, out: Path) -> Path:
 
 def _run_child(system: str, threads: int, args, hf_folder: Path, artifact: Path, ids: list[int]) -> dict:
     """Run one configuration in a fresh process and return its parsed result."""
-    env = dict(os.environ, TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", system, "--threads", str(threads),
-           "--artifact", str(artifact), "--hf-folder", str(hf_folder),
-           "--decode-tokens", str(args.decode_tokens), "--prompt-ids", ",".join(map(str, ids))]
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    if proc.returncode or not lines:
-        sys.exit(f"{system} with {threads} thread(s) failed (exit {proc.returncode}):\n{proc.stdout}")
-    return json.loads(lines[-1][len(RESULT_PREFIX):])
+    child_args = [str(Path(__file__).resolve()), "--child", system, "--threads", str(threads),
+                  "--artifact", str(artifact), "--hf-folder", str(hf_folder),
+                  "--decode-tokens", str(args.decode_tokens), "--prompt-ids", ",".join(map(str, ids))]
+    try:
+        return run_child(child_args, threads)
+    except ChildProcessError as err:
+        sys.exit(f"{system} with {threads} thread(s): {err}")
 
 
 def _run_rounds(args, hf_folder: Path, artifact: Path, ids: list[int]) -> list[dict]:
@@ -252,7 +197,8 @@ def _table_rows(summary: list[dict]) -> list[list[str]]:
 
 def _notes(report: dict) -> list[str]:
     s = report["settings"]
-    notes = [f"SmolLM2-135M fp32, {s['prompt_tokens']}-token prompt, {s['decode_tokens']} greedy decode steps, "
+    weights = f"llmopt {s['llmopt_quant']}, torch fp32" if s.get("llmopt_quant") else "fp32"
+    notes = [f"SmolLM2-135M {weights}, {s['prompt_tokens']}-token prompt, {s['decode_tokens']} greedy decode steps, "
              f"median of {s['rounds']} round(s); decode tok/s = 1 / median step time in a run; "
              "llmopt/torch > 1: llmopt faster."]
     notes += [f"{row['threads']} thread(s): llmopt and torch agree on {row['same_greedy_tokens']}/"
@@ -295,7 +241,9 @@ def _print_table(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="SmolLM2-135M fp32 on CPU: llmopt vs PyTorch eager")
+    quant = report["settings"].get("llmopt_quant")
+    weights = f"llmopt {quant}, torch fp32" if quant else "fp32"
+    table = Table(title=f"SmolLM2-135M ({weights}) on CPU: llmopt vs PyTorch eager")
     for header in HEADERS:
         table.add_column(header, justify="left" if header == "metric" else "right")
     for cells in _table_rows(report["summary"]):
@@ -316,6 +264,9 @@ def _parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
     parser.add_argument("--prompt-ids", help=argparse.SUPPRESS)
+    parser.add_argument("--results-name", default=RESULTS_NAME,
+                        help=f"results file name under bench/results (default {RESULTS_NAME}; use another one for a "
+                             "quantized --artifact, e.g. cpu_smollm2_w4g128)")
     args = parser.parse_args(argv)
     if not args.child:
         args.threads = [int(n) for n in args.threads.split(",")]
@@ -335,9 +286,11 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="llmopt-bench-") as tmp:
         artifact = Path(args.artifact) if args.artifact else _build_artifact(hf_folder, Path(tmp) / "artifact")
         runs = _run_rounds(args, hf_folder, artifact, ids)
+        options = json.loads((artifact / "manifest.json").read_text())["created_by"]["options"]
+        quant = " ".join(filter(None, [options.get("quant"), options.get("quant_rules")])) or None
     report = {
         "machine": machine,
-        "settings": {"model": str(hf_folder), "artifact": args.artifact or "built by the script",
+        "settings": {"model": str(hf_folder), "artifact": args.artifact or "built by the script", "llmopt_quant": quant,
                      "prompt_tokens": args.prompt_tokens, "decode_tokens": args.decode_tokens,
                      "rounds": args.rounds, "threads": args.threads, "prompt_ids": ids,
                      "decode_tok_s": "1 / median decode step time within a run; tables: median over rounds"},
@@ -345,10 +298,10 @@ def main(argv=None) -> None:
         "runs": runs,
     }
     RESULTS_DIR.mkdir(exist_ok=True)
-    (RESULTS_DIR / f"{RESULTS_NAME}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS_DIR / f"{RESULTS_NAME}.md").write_text(_markdown(report))
+    (RESULTS_DIR / f"{args.results_name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS_DIR / f"{args.results_name}.md").write_text(_markdown(report))
     _print_table(report)
-    print(f"wrote {RESULTS_DIR / RESULTS_NAME}.json and .md")
+    print(f"wrote {RESULTS_DIR / args.results_name}.json and .md")
 
 
 if __name__ == "__main__":

@@ -54,9 +54,11 @@ def compile_module(module: Module, spec: TargetSpec, arch: str | None = None) ->
     target_dict = spec.tvm_target(arch)
     target = tvm.target.Target(target_dict)
     layout = spec.linear_weight_layout() if spec.linear_weight_layout else None
-    packed = packed_weights(module) if layout is not None else set()
-    with target:  # lowerings and compile callbacks read Target.current()
-        kernels = Kernels(spec.emit_linear or default_emit_linear, spec.emit_attention)
+    fuses = spec.quant_linear_supports if spec.emit_quant_linear else None
+    with target:  # lowerings, kernel predicates and compile callbacks read Target.current()
+        packed = packed_weights(module, fuses) if layout is not None else set()
+        kernels = Kernels(spec.emit_linear or default_emit_linear, spec.emit_attention,
+                          spec.emit_quant_linear, fuses)
         relax_mod = to_relax(module, kernels, layout, packed)
         executable = tvm.compile(relax_mod, target, relax_pipeline=relax_pipeline(spec, target))
     return CompiledLibrary(executable, target_dict, packed, layout)

@@ -2,7 +2,9 @@
 
 A lowering gets the ``LoweringContext`` (block builder, symbolic dims, target), the node and its
 lowered inputs, and returns the Relax expression of the result. Ops with no good Relax op (rope,
-the causal mask) are written as TE computes; ``linear`` goes through the target's kernel.
+the causal mask) are written as TE computes; ``linear`` goes through the target's kernel, and a
+``dequantize`` that the target's quantized-linear kernel absorbs (codegen/quant_fusion.py) lowers
+to nothing: the linears reading it pass its operands to that kernel.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from tvm import relax, te, tirx, topi
 from ..ir.graph import Node
 from ..ir.rope import rope_attrs_inv_freq
 from ..ir.types import TVM_DTYPES, Dim
-from ..ir.quant_schemes import get_scheme
+from .kernels.quant_linear_te import dequantized_weight
+from .quant_fusion import dequantize_scheme
 
 
 @dataclass
@@ -29,6 +32,8 @@ class LoweringContext:
     emit_attention: Callable | None  # (bb, q, k, v, heads=, kv_heads=, head_dim=, scale=, causal=); None: Relax ops
     types: dict  # IR value name -> TensorType, for lowerings that need their inputs' types
     packed: set = frozenset()  # IR values (weights) held in the target's packed linear layout
+    emit_quant_linear: Callable | None = None  # see TargetSpec.emit_quant_linear
+    fused: set = frozenset()  # dequantize nodes absorbed by emit_quant_linear (codegen/quant_fusion.py)
     memo: dict = field(default_factory=dict)  # values a lowering computes once per function
 
     def dim(self, dim: Dim):
@@ -45,6 +50,14 @@ class LoweringContext:
         if name not in self.symbols:
             self.symbols[name] = tirx.Var(name, "int64")
         return self.symbols[name]
+
+
+@dataclass(frozen=True)
+class FusedDequantize:
+    """What an absorbed ``dequantize`` lowers to: not a value, its operands for the linear kernel."""
+
+    node: Node
+    operands: tuple  # lowered packed, scales[, zeros]
 
 
 Lowering = Callable[[LoweringContext, Node, list], relax.Expr]
@@ -163,33 +176,34 @@ def _rms_norm(ctx, node, args):
 @lowers("linear")
 def _linear(ctx, node, args):
     bias = args[2] if len(args) == 3 else None
+    if isinstance(args[1], FusedDequantize):
+        packed, scales, *zeros = args[1].operands
+        scheme, out_features, in_features = dequantize_scheme(args[1].node)
+        return ctx.emit_quant_linear(ctx.bb, args[0], packed, scales, zeros[0] if zeros else None, bias,
+                                     scheme, out_features, in_features)
     if node.inputs[1] in ctx.packed:
         return ctx.emit_linear(ctx.bb, args[0], args[1], bias, out_features=node.type.shape[-1])
     return ctx.emit_linear(ctx.bb, args[0], args[1], bias)
 
 
-def _dequantize_te(packed: te.Tensor, scales: te.Tensor, *zeros: te.Tensor, scheme, in_features: int):
-    """f32 [N, K] from packed codes: shift the code out of its word, subtract the offset or the
-    group's zero point, multiply by the group's scale (the ``dequantize`` op; generic, not fused)."""
-    per_word, group = scheme.codes_per_word, scheme.group_of(in_features)
-    mask = tirx.const(2 ** scheme.bits - 1, "uint32")
-
-    def value(n, k):
-        shift = tirx.Cast("uint32", tirx.floormod(k, per_word) * scheme.bits)
-        word = packed[n, tirx.floordiv(k, per_word)]
-        code = tirx.Cast("float32", tirx.bitwise_and(tirx.shift_right(word, shift), mask))
-        g = tirx.floordiv(k, group)
-        zero = zeros[0][n, g] if zeros else tirx.const(2 ** (scheme.bits - 1), "float32")
-        return (code - zero) * scales[n, g]
-
+def _dequantize_te(packed: te.Tensor, scales: te.Tensor, *rest: te.Tensor, scheme, in_features: int):
+    """f32 [N, K] from packed codes (the ``dequantize`` op, materialized): ``rest`` is the zero
+    points when the scheme has them, then the codebook table when it has one."""
+    zeros = rest[0] if scheme.has_zeros else None
+    codebook = rest[-1] if scheme.codebook is not None else None
+    value = dequantized_weight(scheme, in_features, packed, scales, zeros, codebook)
     return te.compute((packed.shape[0], in_features), value, name="dequantize")
 
 
 @lowers("dequantize")
 def _dequantize(ctx, node, args):
-    compute = functools.partial(_dequantize_te, scheme=get_scheme(node.attr["scheme"]),
-                                in_features=node.attr["in_features"])  # emit_te passes only TVM values on
-    return ctx.bb.emit_te(compute, *args, primfunc_name_hint="dequantize")
+    if node.name in ctx.fused:
+        return FusedDequantize(node, tuple(args))
+    scheme, _, in_features = dequantize_scheme(node)
+    tables = [relax.const(np.asarray(scheme.codebook, np.float32))] if scheme.codebook is not None else []
+    # emit_te passes only TVM values on: the scheme goes in through partial
+    compute = functools.partial(_dequantize_te, scheme=scheme, in_features=in_features)
+    return ctx.bb.emit_te(compute, *args, *tables, primfunc_name_hint="dequantize")
 
 
 def _rope_table_te(pos: te.Tensor, inv_freq: te.Tensor):
@@ -266,4 +280,7 @@ def unsupported(node: Node) -> str:
     return f"op {node.op!r} (from {node.source or 'unknown source'}) has no lowering to TVM"
 
 
-__all__ = ["LOWERINGS", "LoweringContext", "unsupported"]
+__all__ = ["LOWERINGS", "FusedDequantize", "LoweringContext", "unsupported"]
+
+from . import lower_kv  # noqa: E402,F401 (registers the KV-cache lowerings)
+from . import lower_int8  # noqa: E402,F401 (registers the int8 lowerings)

@@ -16,7 +16,8 @@ from tvm import relax
 from ..errors import LLMOptError
 from ..ir.graph import Function, Module
 from ..ir.types import TVM_DTYPES, TensorType
-from .lower_ops import LOWERINGS, LoweringContext, unsupported
+from .lower_ops import LOWERINGS, FusedDequantize, LoweringContext, unsupported
+from .quant_fusion import fused_dequantizes
 
 
 def default_emit_linear(bb: relax.BlockBuilder, x, w, bias):
@@ -41,7 +42,8 @@ def _tensor_type(ctx: LoweringContext, type: TensorType) -> relax.TensorType:
 def _lower_function(bb: relax.BlockBuilder, func: Function, weights: list[tuple[str, TensorType]],
                     kernels: Kernels, packed: set[str]) -> None:
     packed_values = {n.name for n in func.nodes if n.op == "weight" and n.attr["name"] in packed}
-    ctx = LoweringContext(bb, {}, kernels.emit_linear, kernels.emit_attention, func.types(), packed_values)
+    ctx = LoweringContext(bb, {}, kernels.emit_linear, kernels.emit_attention, func.types(), packed_values,
+                          kernels.emit_quant_linear, fused_dequantizes(func, kernels.fuses_dequantize))
     inputs = [relax.Var(p.name, _tensor_type(ctx, p.type)) for p in func.params]
     weight_vars = {name: relax.Var(name.replace(".", "_"), _tensor_type(ctx, t)) for name, t in weights}
     with bb.function(func.name, inputs + list(weight_vars.values()), attrs={"num_input": len(inputs)}):
@@ -56,7 +58,7 @@ def _lower_function(bb: relax.BlockBuilder, func: Function, weights: list[tuple[
                     raise LLMOptError(f"codegen: {unsupported(node)}.",
                                       "Add a lowering in codegen/lower_ops.py, or a pass that rewrites the op.")
                 expr = lower(ctx, node, [values[i] for i in node.inputs])
-                values[node.name] = bb.emit(expr) if not isinstance(expr, relax.Var) else expr
+                values[node.name] = expr if isinstance(expr, (relax.Var, FusedDequantize)) else bb.emit(expr)
             result = bb.emit_output(relax.Tuple([values[v] for _, v in func.outputs]))
         bb.emit_func_output(result)
 
@@ -67,14 +69,18 @@ class Kernels:
 
     emit_linear: Callable = default_emit_linear
     emit_attention: Callable | None = None
+    emit_quant_linear: Callable | None = None  # see TargetSpec.emit_quant_linear
+    fuses_dequantize: Callable | None = None  # (scheme, out_features, in_features) -> bool; None: never
 
 
 def to_relax(module: Module, kernels: Kernels = Kernels(), layout=None,
              packed: set[str] = frozenset()) -> tvm.IRModule:
     """The Relax IRModule of ``module`` (see the calling convention above).
 
-    Weights in ``packed`` are parameters in ``layout`` (see codegen/weight_layout.py);
-    the linear kernel and the embedding lowering read them in that layout.
+    Weights in ``packed`` are parameters in ``layout`` (see codegen/weight_layout.py); the linear
+    kernels and the embedding lowering read them in that layout. A ``dequantize`` read only by
+    linears becomes part of their ``kernels.emit_quant_linear`` call when ``kernels.fuses_dequantize``
+    accepts it (codegen/quant_fusion.py); pass the same predicate to ``packed_weights``.
     """
     weights = [(name, weight_param_type(module, name, layout if name in packed else None))
                for name in weight_order(module)]

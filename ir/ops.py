@@ -439,3 +439,88 @@ def _dequantize_ref(args, attrs, env):
 
 register("dequantize", (2, 3), _infer_dequantize, _dequantize_ref, attrs=("scheme", "out_features", "in_features"),
          doc="f32 [out_features, in_features] from packed u32 codes, scales [and zeros] of a quantization scheme")
+
+# ---- int8 rows: one f32 scale per row of the last axis (e.g. per token and head of a KV cache) ---------
+
+I8_MAX = 127  # symmetric int8: codes in [-127, 127]
+
+
+def _infer_row_scale_i8(types, attrs):
+    x = types[0]
+    if x.dtype != "f32" or x.rank < 1:
+        raise OpError(f"row_scale_i8: expected f32[..., D], got {x}")
+    return x.with_shape(x.shape[:-1])
+
+
+def _row_scale_i8_ref(args, attrs, env):
+    absmax = np.max(np.abs(args[0]), axis=-1)
+    return np.where(absmax == 0, np.float32(1), absmax / np.float32(I8_MAX)).astype(np.float32)
+
+
+register("row_scale_i8", 1, _infer_row_scale_i8, _row_scale_i8_ref,
+         doc="f32[...]: max |x| over the last axis / 127, the symmetric int8 scale of each row (1 for a zero row)")
+
+
+def _infer_row_codes(op: str, codes_dtype: str, value_dtype: str):
+    def infer(types, attrs):
+        x, scale = types
+        if x.dtype != codes_dtype or scale.dtype != "f32" or x.rank < 1 or scale.shape != x.shape[:-1]:
+            raise OpError(f"{op}: expected {codes_dtype}[..., D] and f32[...] scales of its rows, got {x}, {scale}")
+        return x.with_dtype(value_dtype)
+    return infer
+
+
+def _quantize_rows_i8_ref(args, attrs, env):
+    x, scale = args
+    return np.clip(np.rint(x / scale[..., None]), -I8_MAX, I8_MAX).astype(np.int8)
+
+
+register("quantize_rows_i8", 2, _infer_row_codes("quantize_rows_i8", "f32", "i8"), _quantize_rows_i8_ref,
+         doc="i8[..., D]: clip(round_half_even(x / scale), -127, 127) with one scale per row of the last axis")
+
+register("dequantize_rows_i8", 2, _infer_row_codes("dequantize_rows_i8", "i8", "f32"),
+         lambda args, attrs, env: args[0].astype(np.float32) * args[1][..., None],
+         doc="f32[..., D]: codes * scale with one scale per row of the last axis")
+
+
+# ---- int8 activations x int8 weights (W8A8) ---------------------------------------------------
+
+W8A8_WEIGHT_SCHEME = "w8"  # the weight codes of linear_w8a8: symmetric int8 per output channel
+
+
+def quantize_rows_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row (per-token) symmetric int8 quantization of f32 ``x[..., K]``: codes int8 ``[..., K]``
+    and scales f32 ``[..., 1]``, ``scale = max|row| / 127`` (1 for an all-zero row),
+    ``code = clip(round_half_even(x / scale), -127, 127)``."""
+    amax = np.abs(x).max(axis=-1, keepdims=True)
+    scale = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
+    return np.clip(np.round(x / scale), -127, 127).astype(np.int8), scale
+
+
+def _infer_linear_w8a8(types, attrs):
+    x, packed, scales = types[:3]
+    k = x.shape[-1]
+    if x.dtype != "f32" or not isinstance(k, int):
+        raise OpError(f"linear_w8a8: x must be f32 with a static last dim, got {x}")
+    n = packed.shape[0] if packed.rank == 2 else None
+    expected = [TensorType("u32", (n, -(-k // 4))), TensorType("f32", (n, 1))]
+    expected += [TensorType("f32", (n,))] * (len(types) - 3)
+    if n is None or list(types[1:]) != expected:
+        raise OpError(f"linear_w8a8 (K={k}): expected codes, scales[, bias] {', '.join(map(str, expected))}; "
+                      f"got {', '.join(map(str, types[1:]))}")
+    return x.with_shape(x.shape[:-1] + (n,))
+
+
+def _linear_w8a8_ref(args, attrs, env):
+    x, packed, scales = args[:3]
+    xq, x_scale = quantize_rows_int8(x)
+    wq = get_scheme(W8A8_WEIGHT_SCHEME).unpack(packed, x.shape[-1]).astype(np.int32) - 128
+    acc = np.matmul(xq.astype(np.float64), wq.T.astype(np.float64)).astype(np.int32)  # exact: |acc| < 2^53
+    y = acc.astype(np.float32) * (x_scale * scales[:, 0])
+    return (y + args[3] if len(args) == 4 else y).astype(np.float32)
+
+
+register("linear_w8a8", (3, 4), _infer_linear_w8a8, _linear_w8a8_ref,
+         doc="y = (xq @ wq.T) * (x_scale * w_scale) (+ bias): x quantized per row to int8 "
+             "(quantize_rows_int8), weight codes of the w8 scheme (u32-packed [N, ceil(K/4)], scales "
+             "[N, 1]); int32 accumulation")

@@ -20,10 +20,16 @@ from .dce import DeadCodeElimination
 from .fold_constants import FoldConstants
 from .fuse_linears import FuseLinears
 from .instruments import Instrument
+from .quant.awq import QuantizeAWQ
+from .quant.gptq import QuantizeGPTQ
+from .quant.kv_cache import QuantizeKVCache
 from .quant.rtn import QuantizeRTN
+from .quant.smoothquant import SmoothQuant
 
 PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (
-    DeadCodeElimination, CommonSubexpressionElimination, FoldConstants, FuseLinears, QuantizeRTN)}
+    DeadCodeElimination, CommonSubexpressionElimination, FoldConstants, FuseLinears, QuantizeRTN, QuantizeGPTQ,
+    QuantizeKVCache, QuantizeAWQ)}
+PASSES[SmoothQuant.name] = SmoothQuant
 
 PIPELINES: dict[str, list[str]] = {
     "default": ["fuse-linears", "fold-constants", "cse", "dce"],

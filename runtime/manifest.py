@@ -37,12 +37,22 @@ class WeightInfo:
 
 @dataclass(frozen=True)
 class KVCacheInfo:
-    """Shape of the functional KV cache: per layer a k and a v of [1, len, kv_heads, head_dim]."""
+    """The functional KV cache: per layer the tensors named in `tensors` (`{i}` is the layer), in
+    the entry points' order; by default a k and a v of `dtype` [1, len, kv_heads, head_dim]. An int8
+    cache (`quantize-kv-cache`) holds k.{i}, k.{i}.scale, v.{i}, v.{i}.scale: codes and f32 scales."""
 
     layers: int
     kv_heads: int
     head_dim: int
     dtype: str
+    tensors: tuple[str, ...] = ("k.{i}", "v.{i}")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tensors", tuple(self.tensors))
+
+    def names(self) -> list[str]:
+        """Every cache tensor, layer by layer (`k.0`, `v.0`, `k.1`, ...): the entry points' order."""
+        return [t.format(i=i) for i in range(self.layers) for t in self.tensors]
 
 
 @dataclass(frozen=True)

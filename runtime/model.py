@@ -4,7 +4,9 @@ Calling convention of the library (see `llmopt.runtime.manifest`):
 `prefill(ids i32[1, n], pos i32[n], *weights) -> (logits f32[1, n, vocab], k_0, v_0, ...)` and
 `decode(ids i32[1, 1], pos i32[1], k_0, v_0, ..., *weights) -> (logits f32[1, 1, vocab], k_0', ...)`
 where each k_i / v_i is [1, length, kv_heads, head_dim] and decode returns the cache extended by
-one row. Weights are bound once at load, in the manifest's order.
+one row. An int8 cache has per layer the tensors the manifest's `kv_cache.tensors` names (codes
+k_i, f32 scales k_i.scale [1, length, kv_heads], v_i, v_i.scale), in that order; the runtime passes
+them through untouched. Weights are bound once at load, in the manifest's order.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ _ISA_PREFIXES = (
 
 @dataclass(frozen=True)
 class KVCache:
-    """The functional KV cache: device tensors (k_0, v_0, k_1, v_1, ...) holding `length` rows.
+    """The functional KV cache: device tensors (k_0, v_0, k_1, v_1, ..., or as the manifest's
+    `kv_cache.tensors` say) holding `length` rows.
 
     Immutable: `CompiledModel.decode` returns a new cache one row longer.
     """
@@ -80,10 +83,12 @@ class CompiledModel:
 
     def decode(self, token_id: int, cache: KVCache) -> tuple[np.ndarray, KVCache]:
         """Run one token after `cache`: logits [vocab] and the cache one row longer."""
-        if len(cache.tensors) != 2 * self.manifest.kv_cache.layers:
+        names = self.manifest.kv_cache.names()
+        if not isinstance(cache, KVCache) or len(cache.tensors) != len(names):
+            got = f"{len(cache.tensors)} tensors" if isinstance(cache, KVCache) else type(cache).__name__
             raise ValueError(
-                f"cache has {len(cache.tensors)} tensors, this model needs "
-                f"{2 * self.manifest.kv_cache.layers}: pass a cache returned by this model"
+                f"cache has {got}, this model needs {len(names)} ({', '.join(names[:4])}"
+                f"{', ...' if len(names) > 4 else ''}): pass a cache returned by this model"
             )
         ids = self._check_ids([token_id])
         out = self._decode(
@@ -116,11 +121,11 @@ class CompiledModel:
         return ids.astype(np.int32)
 
     def _cache(self, out: Any, length: int) -> KVCache:
-        layers = self.manifest.kv_cache.layers
-        if len(out) != 1 + 2 * layers:
+        info = self.manifest.kv_cache
+        if len(out) != 1 + len(info.names()):
             raise ArtifactError(
-                f"the library returned {len(out)} outputs, the manifest's {layers} layers need "
-                f"{1 + 2 * layers}",
+                f"the library returned {len(out)} outputs, the manifest's {info.layers} layers of "
+                f"{len(info.tensors)} cache tensors need {1 + len(info.names())}",
                 hint="the artifact is inconsistent; rebuild it",
             )
         return KVCache(tuple(out[i] for i in range(1, len(out))), length)

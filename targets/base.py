@@ -22,8 +22,14 @@ class TargetSpec:
     device_needs: str  # what must be installed on the device to load the artifact
     emit_linear: Callable | None = None  # (bb, x, w, bias, out_features=None) -> relax.Expr; None: Relax linear
     emit_attention: Callable | None = None  # fused attention kernel; None: Relax ops
+    # linear(x, dequantize(packed, scales[, zeros])) as one kernel (codegen/quant_fusion.py):
+    # (bb, x, packed, scales, zeros, bias, scheme, out_features, in_features) -> relax.Expr, for the
+    # (scheme, out_features, in_features) that quant_linear_supports accepts; None: generic dequantize
+    emit_quant_linear: Callable | None = None
+    quant_linear_supports: Callable | None = None
     schedule_rules: Callable[[], list] | None = None  # () -> dlight-style rules for the remaining PrimFuncs
-    linear_weight_layout: Callable[[], Any] | None = None  # () -> layout (pack, packed_shape, description)
+    # () -> layout (pack, packed_shape, description) of linear weights and of fused quantized parts
+    linear_weight_layout: Callable[[], Any] | None = None
     archs: tuple[str, ...] = field(default_factory=tuple)  # accepted --arch values (empty: free form)
 
 

@@ -30,14 +30,30 @@ def _emit_attention(bb, q, k, v, **shape):
     return emit_attention(bb, q, k, v, **shape)
 
 
+def _emit_quant_linear(bb, x, packed, scales, zeros, bias, scheme, out_features, in_features):
+    import tvm
+
+    from ..codegen.kernels.cpu_quant_linear import emit_quant_linear
+    return emit_quant_linear(bb, x, packed, scales, zeros, bias, scheme=scheme, out_features=out_features,
+                             in_features=in_features, target=tvm.target.Target.current())
+
+
+def _quant_linear_supports(scheme, out_features, in_features):
+    import tvm
+
+    from ..codegen.kernels.cpu_quant_linear import supports
+    target = tvm.target.Target.current() or tvm.target.Target(cpu_target(None))
+    return supports(scheme, out_features, in_features, target)
+
+
 def _schedule_rules():
     from ..codegen.kernels.cpu_fallback import CPUFallback
     return [CPUFallback()]
 
 
 def _linear_weight_layout():
-    from ..codegen.kernels.cpu_linear import WEIGHT_LAYOUT
-    return WEIGHT_LAYOUT
+    from ..codegen.kernels.cpu_quant_linear import STORED_LAYOUT
+    return STORED_LAYOUT
 
 
 TARGET = TargetSpec(
@@ -49,6 +65,8 @@ TARGET = TargetSpec(
     device_needs="the TVM runtime (pip install apache-tvm), numpy, safetensors, tokenizers",
     emit_linear=_emit_linear,
     emit_attention=_emit_attention,
+    emit_quant_linear=_emit_quant_linear,
+    quant_linear_supports=_quant_linear_supports,
     schedule_rules=_schedule_rules,
     linear_weight_layout=_linear_weight_layout,
 )

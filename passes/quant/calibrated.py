@@ -46,16 +46,18 @@ class CalibratedQuantization(Pass):
         tokens = calibration_tokens(module, self.calibration, self.samples, self.seq_len, self.seed)
         return self.apply_with_tokens(module, tokens)
 
-    def apply_with_tokens(self, module: Module, tokens: np.ndarray) -> PassResult:
-        """``apply`` on a given calibration set: int32 token ids ``[samples, seq_len]``."""
-        rules = LayerRules(self.scheme, self.rules)
+    def scheme_of(self, linear: Node, weight: Node) -> Scheme | None:
+        """The scheme ``rules`` give ``linear`` reading ``weight`` (None: it stays float)."""
+        return LayerRules(self.scheme, self.rules).scheme_for(linear.source, weight.attr["name"])
+
+    def calibrate(self, module: Module, tokens: np.ndarray) -> dict[tuple[str, str], QuantizedWeight]:
+        """Stream ``tokens`` through ``module``: ``quantize_weight``'s result for each (weight
+        name, scheme name) that calibration reached, later layers seeing ``effective_weight``."""
+        LayerRules(self.scheme, self.rules)  # bad rules fail before any work
         results: dict[tuple[str, str], QuantizedWeight] = {}
 
-        def scheme_of(linear: Node, weight: Node) -> Scheme | None:
-            return rules.scheme_for(linear.source, weight.attr["name"])
-
         def visit(linear: Node, weight: Node, inputs: list[np.ndarray]) -> np.ndarray | None:
-            scheme, name = scheme_of(linear, weight), weight.attr["name"]
+            scheme, name = self.scheme_of(linear, weight), weight.attr["name"]
             if scheme is None or not scheme.supports(weight.type.shape[1]):
                 return None
             if (name, scheme.name) not in results:
@@ -63,11 +65,15 @@ class CalibratedQuantization(Pass):
             return self.effective_weight(results[name, scheme.name], scheme)
 
         stream_linears(module, tokens, visit)
-        calibrated = len(results)
+        return results
+
+    def apply_with_tokens(self, module: Module, tokens: np.ndarray) -> PassResult:
+        """``apply`` on a given calibration set: int32 token ids ``[samples, seq_len]``."""
+        results = self.calibrate(module, tokens)
 
         def produce(name: str, scheme: Scheme) -> QuantizedWeight:
             found = results.get((name, scheme.name))
             return found if found is not None else scheme.quantize(module.weights.get(name))
 
-        result = quantize_linears(module, self.name, scheme_of, produce)
-        return PassResult(result.module, {**result.stats, "calibrated": calibrated})
+        result = quantize_linears(module, self.name, self.scheme_of, produce)
+        return PassResult(result.module, {**result.stats, "calibrated": len(results)})

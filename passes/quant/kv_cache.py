@@ -1,0 +1,143 @@
+"""``quantize-kv-cache``: keep the KV cache as int8 codes with one f32 scale per (token, kv head).
+
+Option: ``bits`` (only 8 for now).
+
+Requires: verified IR following the decoder's cache convention (``frontend/decoder.py``):
+``module.meta["kv_cache"]`` names ``layers`` with an f32 cache; an entry point that stores the cache
+(``prefill``) outputs ``k.i``/``v.i`` f32[1, T, kv_heads, head_dim]; one that extends it
+(``decode``) takes params ``k.i``/``v.i`` f32[1, past, kv_heads, head_dim] and outputs ``k.i``/``v.i``
+= ``concat(param, new, axis=1)``; entry points without a cache (``logits``) are left alone.
+
+Guarantees: every cache tensor crossing an entry point becomes two: the codes ``k.i``
+i8[1, T, kv_heads, head_dim] and the scales ``k.i.scale`` f32[1, T, kv_heads] (the same for ``v``),
+each right after the other in params and outputs, so the cache of a layer is ``k.i, k.i.scale,
+v.i, v.i.scale`` (``module.meta["kv_cache"]["tensors"]``, with ``dtype`` "i8"). The scale of a row
+is ``row_scale_i8`` (max |x| over head_dim / 127) and its codes ``quantize_rows_i8``
+(round half to even). Only the stored cache is quantized: the tokens an entry point computes
+itself are attended in f32, the past it is given is ``dequantize_rows_i8``-ed before its first
+use (so decode attends over dequantized past + the new token in f32). Decode outputs the past
+codes and scales concatenated with the new token's: past codes are carried, never re-quantized.
+New nodes carry ``created_by="quantize-kv-cache"`` and the ``source`` of the node they follow.
+
+Stats: ``stored`` cache tensors quantized at an output, ``loaded`` cache params dequantized.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from ...errors import LLMOptError
+from ...ir.graph import Builder, Function, Module, Node
+from ...ir.types import TensorType
+from ..base import Pass, PassResult, map_functions
+from ..rewrite import renamed
+
+F32_CACHE_TENSORS = ["k.{i}", "v.{i}"]  # what a cache without "tensors" in its meta holds per layer
+I8_CACHE_TENSORS = ["k.{i}", "k.{i}.scale", "v.{i}", "v.{i}.scale"]
+SCALE_SUFFIX = ".scale"
+
+_HINT = ("Run quantize-kv-cache on a decoder built by llmopt's frontends (prefill/decode with the k.i/v.i "
+         "cache), once, before any pass that restructures the cache.")
+
+
+class KVCacheConventionError(LLMOptError):
+    """The module's KV cache is not the decoder's f32 ``k.i``/``v.i`` cache."""
+
+
+def _cache_names(module: Module) -> set[str]:
+    info = module.meta.get("kv_cache")
+    if not info:
+        raise KVCacheConventionError("quantize-kv-cache: the module has no KV cache (no meta kv_cache).", _HINT)
+    if info.get("dtype") != "f32" or info.get("tensors", F32_CACHE_TENSORS) != F32_CACHE_TENSORS:
+        raise KVCacheConventionError(
+            f"quantize-kv-cache: the KV cache is already {info.get('dtype')} with tensors "
+            f"{info.get('tensors', F32_CACHE_TENSORS)}; the pass quantizes an f32 k.i/v.i cache.", _HINT)
+    return {f"{role}.{i}" for i in range(info["layers"]) for role in ("k", "v")}
+
+
+def _check_cache_type(func: Function, what: str, type: TensorType) -> None:
+    if type.dtype != "f32" or type.rank != 4 or type.shape[0] != 1:
+        raise KVCacheConventionError(f"quantize-kv-cache: @{func.name} {what} is {type}, not "
+                                     "f32[1, tokens, kv_heads, head_dim].", _HINT)
+
+
+def _check_convention(func: Function, names: set[str], params: set[str], outputs: dict[str, str]) -> None:
+    """Raise unless ``func`` stores (no cache params) or extends (params = outputs) the whole cache."""
+    if set(outputs) != names or (params and params != names):
+        raise KVCacheConventionError(
+            f"quantize-kv-cache: @{func.name} takes cache params {sorted(params)} and returns cache outputs "
+            f"{sorted(outputs)}; expected none and all of {sorted(names)}, or all of them as both.", _HINT)
+    types, nodes = func.types(), func.node_map()
+    for name, value in outputs.items():
+        _check_cache_type(func, f"output {name}", types[value])
+        if params:
+            node = nodes.get(value)
+            if node is None or node.op != "concat" or node.attr["axis"] != 1 or len(node.inputs) != 2 \
+                    or node.inputs[0] != name:
+                raise KVCacheConventionError(f"quantize-kv-cache: @{func.name} output {name} is not "
+                                             f"concat(%{name}, new, axis=1).", _HINT)
+
+
+@dataclass(frozen=True)
+class QuantizeKVCache(Pass):
+    """Store the KV cache as int8 codes plus per-(token, kv head) f32 scales; dequantize the past on use."""
+
+    name = "quantize-kv-cache"
+    bits: int = 8
+
+    def __post_init__(self):
+        if self.bits != 8:
+            raise LLMOptError(f"quantize-kv-cache: bits={self.bits} is not supported.",
+                              "Only bits=8 (int8 codes, one f32 scale per token and kv head) exists for now.")
+
+    def apply(self, module: Module) -> PassResult:
+        names = _cache_names(module)
+        result = map_functions(module, lambda func: self.rewrite_function(func, names))
+        meta = {**module.meta, "kv_cache": {**module.meta["kv_cache"], "dtype": "i8", "tensors": I8_CACHE_TENSORS}}
+        return PassResult(Module(result.module.functions, module.weights, meta), result.stats)
+
+    def rewrite_function(self, func: Function, names: set[str]) -> tuple[Function, Counter]:
+        params = {p.name for p in func.params if p.name in names}
+        outputs = {name: value for name, value in func.outputs if name in names}
+        if not params and not outputs:
+            return func, Counter()
+        _check_convention(func, names, params, outputs)
+        b = Builder(func.name, created_by=self.name)
+        rename, past = {}, {}  # past: cache param -> (codes, scales) params
+        for p in func.params:
+            if p.name in params:
+                _check_cache_type(func, f"param {p.name}", p.type)
+                past[p.name] = (b.param(p.name, p.type.with_dtype("i8")),
+                                b.param(p.name + SCALE_SUFFIX, TensorType("f32", p.type.shape[:-1])))
+            else:
+                rename[p.name] = b.param(p.name, p.type)
+        stored_at = {}  # value -> cache outputs it is
+        for name, value in outputs.items():
+            stored_at.setdefault(value, []).append(name)
+        stored = {}  # cache output -> (codes, scales)
+        for node in func.nodes:
+            with b.at(source=node.source):
+                for value in node.inputs:
+                    if value in past and value not in rename:  # dequantize the past right before its first use
+                        rename[value] = b.add("dequantize_rows_i8", *past[value])
+                rename[node.name] = b.copy_node(node, renamed(node, rename))
+                for name in stored_at.get(node.name, ()):
+                    stored[name] = self.store(b, node, rename, past.get(name))
+        for name, value in func.outputs:
+            if name in stored:
+                b.output(name, stored[name][0])
+                b.output(name + SCALE_SUFFIX, stored[name][1])
+            else:
+                b.output(name, rename[value])
+        return b.finish(), Counter(stored=len(stored), loaded=len(past))
+
+    @staticmethod
+    def store(b: Builder, node: Node, rename: dict[str, str], past: tuple[str, str] | None) -> tuple[str, str]:
+        """(codes, scales) of the cache ``node`` outputs: all of it, or past + the new rows of a concat."""
+        new = rename[node.inputs[1]] if past else rename[node.name]
+        scales = b.add("row_scale_i8", new)
+        codes = b.add("quantize_rows_i8", new, scales)
+        if past is None:
+            return codes, scales
+        return b.add("concat", past[0], codes, axis=1), b.add("concat", past[1], scales, axis=1)
