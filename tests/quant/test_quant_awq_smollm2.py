@@ -43,7 +43,6 @@ def score(smollm2, tmp_path_factory):
     return measure
 
 
-@pytest.mark.xfail(strict=False, reason="quality target not verified in this session's final state (measured under heavy machine load, unfinished); SmolLM2's 576-wide inputs are not a multiple of 128, so g128 quantizes only down_proj (ragged last groups are the planned fix)")
 @pytest.mark.parametrize("scheme", ["w4g128", "w3g128"])
 def test_awq_closes_half_of_the_gap_between_rtn_and_fp32(score, scheme):
     fp32, rtn, awq = score("fp32"), score(scheme), score(f"awq:{scheme}")
