@@ -6,7 +6,8 @@ sample, last axis ``K``), computed on the outputs of the already-quantized layer
 ``stream_linears``). The frame chooses schemes per layer (``LayerRules``), streams the
 calibration set through the model, and rewrites the graph with the codes the method chose
 (``quantize_linears``). Weights that calibration never reached (a linear only in ``decode``)
-fall back to round-to-nearest.
+fall back to round-to-nearest. Methods that also rewrite the graph around the linears (AWQ scales
+their inputs) override ``apply_with_tokens``, calling ``calibrate`` for the streamed results.
 
 Common options: ``scheme``, ``rules`` (as in quantize-rtn), ``calibration`` (a UTF-8 text file),
 ``samples`` and ``seq_len`` (the calibration set's size) and ``seed`` (where windows are cut).

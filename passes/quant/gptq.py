@@ -13,11 +13,11 @@ proportion to their correlation with it (the inverse of the Hessian ``H = 2/n X^
   the columns after the block in one matrix product when the block is done (the "lazy batch").
 - A group's grid (scale and, asymmetric, zero point; for codebook schemes the codebook's scale)
   is chosen from the group's current, error-updated weights when the first of its columns is
-  reached; with ``static_groups``, from the original weights before the loop. With ``mse_grid`` (as
-  the reference implementation's ``mse`` quantizer) the grid is the best of ``Scheme.grid`` of the
-  group's range shrunk by a factor in 0.21..1 (steps of 0.05, then 0.01 around the best): the one
-  with the least ``sum |w - q|^2.4`` (clipping a few outliers to round the rest finer); otherwise
-  ``Scheme.grid`` itself.
+  reached; with ``static_groups``, from the original weights before the loop. With ``mse_grid``
+  (the ``mse`` option of the reference implementation, IST-DASLab/gptq) it is the best of
+  ``Scheme.grid`` of the group's range shrunk by a factor in 0.21..1 (steps of 0.05, then 0.01
+  around the best): the one with the least ``sum |w - q|^2.4`` (clipping a few outliers to round
+  the rest finer); otherwise ``Scheme.grid`` itself.
 - ``act_order`` visits columns by decreasing ``H_ii`` (inputs with the most energy first). Groups
   stay consecutive input features, as the scheme stores them, so act-order costs nothing at run
   time (unlike formats that keep a group index per column) and is on by default.
@@ -53,7 +53,7 @@ HESSIAN_CHUNK = 4096  # tokens per float32 product
 COARSE_FACTORS = 1 - np.arange(16, dtype=np.float32) / 20  # 1.00, 0.95, ..., 0.25
 FINE_STEPS = np.array([-0.04, -0.03, -0.02, -0.01, 0.01, 0.02, 0.03, 0.04], np.float32)
 GRID_NORM = 2.4
-DAMP_RETRIES = 6  # each retry multiplies the damping by 10 when H + damping is not positive definite
+DAMP_RETRIES, MIN_RETRY_DAMP = 5, 1e-4  # see inverse_cholesky
 
 
 def hessian(inputs: list[np.ndarray], in_features: int) -> np.ndarray:
@@ -69,22 +69,24 @@ def hessian(inputs: list[np.ndarray], in_features: int) -> np.ndarray:
 
 def inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
     """Upper Cholesky factor ``U`` of ``(h + damp * mean(diag h) * I)^-1`` (``U^T U``), float64.
+    When that matrix is not positive definite (too few calibration tokens for ``K``, ``damp=0``),
+    ``damp`` grows tenfold (from at least ``MIN_RETRY_DAMP``) up to ``DAMP_RETRIES`` times.
 
     With torch's LAPACK, and ``H^-1`` as ``L^-T L^-1`` from a triangular solve: numpy's Cholesky and
     LAPACK's ``potri`` slow down tenfold when the cores are shared."""
     import torch
     h = torch.from_numpy(h)
     eye = torch.eye(len(h), dtype=h.dtype)
-    damping = damp * float(h.diagonal().mean())
-    for _ in range(DAMP_RETRIES):
-        lower, info = torch.linalg.cholesky_ex(h + damping * eye)
+    mean_diagonal = float(h.diagonal().mean())
+    for retry in range(DAMP_RETRIES + 1):
+        fraction = damp if retry == 0 else max(damp, MIN_RETRY_DAMP) * 10 ** retry
+        lower, info = torch.linalg.cholesky_ex(h + fraction * mean_diagonal * eye)
         if info == 0:
             inverse_lower = torch.linalg.solve_triangular(lower, eye, upper=False)
             upper, info = torch.linalg.cholesky_ex(inverse_lower.T @ inverse_lower, upper=True)
             if info == 0:
                 return upper.numpy()
-        damping = max(damping, 1e-8) * 10
-    raise LLMOptError(f"GPTQ: the inputs' Hessian is not positive definite even with damping {damping:.3g}.",
+    raise LLMOptError(f"GPTQ: the inputs' Hessian is not positive definite even with damp={fraction:.3g}.",
                       "Calibrate on more or longer samples, or raise the pass option damp.")
 
 

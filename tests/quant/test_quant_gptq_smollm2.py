@@ -7,8 +7,6 @@ SmolLM2's hidden size 576 is not a multiple of 128, so at g128 only the ``down_p
 
 from pathlib import Path
 
-import pytest
-
 import torch  # noqa: F401  (torch before tvm)
 
 from llmopt.compiler import BuildOptions, build
@@ -17,7 +15,7 @@ from llmopt.runtime.perplexity import perplexity
 
 PERSUASION = Path("/work/shared/data/austen/persuasion.txt")
 CONTEXT, TOKENS = 256, 6144  # 24 windows: on the first 2048 tokens alone (title, a genealogy) the gap is noisy
-CALIBRATION = (("samples", "32"), ("seq_len", "256"))
+CALIBRATION = (("samples", "32"), ("seq_len", "128"))
 
 
 def artifact_perplexity(folder: Path, quant: str | None) -> float:
@@ -30,7 +28,6 @@ def artifact_perplexity(folder: Path, quant: str | None) -> float:
     return result.perplexity
 
 
-@pytest.mark.xfail(strict=False, reason="quality target not met yet: at w4g128 GPTQ closed 0.40 (< 0.5) of the RTN-fp32 gap in this session's measurement; SmolLM2's 576-wide inputs are not a multiple of 128, so g128 quantizes only down_proj (ragged last groups are the planned fix)")
 def test_gptq_closes_half_of_the_round_to_nearest_gap(tmp_path):
     fp32 = artifact_perplexity(tmp_path / "fp32", None)
     closed = {}
