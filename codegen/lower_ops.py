@@ -3,8 +3,10 @@
 A lowering gets the ``LoweringContext`` (block builder, symbolic dims, target), the node and its
 lowered inputs, and returns the Relax expression of the result. Ops with no good Relax op (rope,
 the causal mask) are written as TE computes; ``linear`` goes through the target's kernel, and a
-``dequantize`` that the target's quantized-linear kernel absorbs (codegen/quant_fusion.py) lowers
-to nothing: the linears reading it pass its operands to that kernel.
+``dequantize`` that the target's quantized-linear kernel and embeddings absorb
+(codegen/quant_fusion.py) lowers to nothing: the linears reading it pass its operands to that
+kernel, and an ``embedding`` of a ``dequantize`` (absorbed or not) gathers the rows its ids pick
+from the packed codes, scales and zeros (IR or blocked layout) and dequantizes only those rows.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ class LoweringContext:
     types: dict  # IR value name -> TensorType, for lowerings that need their inputs' types
     packed: set = frozenset()  # IR values (weights) held in the target's packed linear layout
     emit_quant_linear: Callable | None = None  # see TargetSpec.emit_quant_linear
-    fused: set = frozenset()  # dequantize nodes absorbed by emit_quant_linear (codegen/quant_fusion.py)
+    fused: set = frozenset()  # dequantize nodes never materialized (codegen/quant_fusion.py)
     memo: dict = field(default_factory=dict)  # values a lowering computes once per function
+    dequantized: dict = field(default_factory=dict)  # dequantize node -> its lowered parts (FusedDequantize)
 
     def dim(self, dim: Dim):
         """An IR dim as a TIR expression (ints stay ints)."""
@@ -54,7 +57,8 @@ class LoweringContext:
 
 @dataclass(frozen=True)
 class FusedDequantize:
-    """What an absorbed ``dequantize`` lowers to: not a value, its operands for the linear kernel."""
+    """What an absorbed ``dequantize`` lowers to: not a value, its operands for the linear kernel
+    and the embedding gather."""
 
     node: Node
     operands: tuple  # lowered packed, scales[, zeros]
@@ -160,8 +164,51 @@ def _take_packed_te(table: te.Tensor, ids: te.Tensor, vocab: int):
     return te.compute(tuple(ids.shape) + (table.shape[1],), value, name="take_packed")
 
 
+class _Rows:
+    """A part ``[N, C]`` of a quantized table indexed ``[row, column]``, whether it is stored as the
+    IR says or blocked (``[ceil(N/B), C, B]``, codegen/weight_layout.py)."""
+
+    def __init__(self, tensor: te.Tensor, blocked: bool):
+        self.tensor, self.blocked = tensor, blocked
+
+    def __getitem__(self, index):
+        row, column = index
+        if not self.blocked:
+            return self.tensor[row, column]
+        block = self.tensor.shape[2]
+        return self.tensor[tirx.floordiv(row, block), column, tirx.floormod(row, block)]
+
+
+def _gather_dequantize_te(ids: te.Tensor, packed: te.Tensor, scales: te.Tensor, *rest: te.Tensor, scheme,
+                          vocab: int, in_features: int, blocked: tuple[bool, ...]):
+    """``dequantize(packed, scales[, zeros])[ids]`` reading only the rows ``ids`` pick (clipped to
+    the table, as ``take`` does): ``rest`` is the zero points when the scheme has them, then the
+    codebook table when it has one; ``blocked[i]``: part ``i`` is stored blocked."""
+    parts = [_Rows(t, b) for t, b in zip((packed, scales, *rest), blocked)]
+    zeros = parts[2] if scheme.has_zeros else None
+    codebook = rest[-1] if scheme.codebook is not None else None
+    value = dequantized_weight(scheme, in_features, parts[0], parts[1], zeros, codebook)
+
+    def gathered(*index):
+        return value(tirx.max(tirx.min(ids[index[:-1]], vocab - 1), 0), index[-1])
+
+    return te.compute(tuple(ids.shape) + (in_features,), gathered, name="gather_dequantize")
+
+
+def _gather_dequantize(ctx, node, ids, parts: FusedDequantize):
+    """An embedding of a quantized table: gather the rows of its parts, dequantize only those."""
+    scheme, vocab, in_features = dequantize_scheme(parts.node)
+    tables = [relax.const(np.asarray(scheme.codebook, np.float32))] if scheme.codebook is not None else []
+    blocked = tuple(value in ctx.packed for value in parts.node.inputs) + (False,) * len(tables)
+    compute = functools.partial(_gather_dequantize_te, scheme=scheme, vocab=vocab, in_features=in_features,
+                                blocked=blocked)
+    return ctx.bb.emit_te(compute, ids, *parts.operands, *tables, primfunc_name_hint="gather_dequantize")
+
+
 @lowers("embedding")
 def _embedding(ctx, node, args):
+    if node.inputs[1] in ctx.dequantized:
+        return _gather_dequantize(ctx, node, args[0], ctx.dequantized[node.inputs[1]])
     if node.inputs[1] in ctx.packed:
         vocab = ctx.types[node.inputs[1]].shape[0]
         return ctx.bb.emit_te(_take_packed_te, args[1], args[0], vocab, primfunc_name_hint="take_packed")
@@ -197,8 +244,9 @@ def _dequantize_te(packed: te.Tensor, scales: te.Tensor, *rest: te.Tensor, schem
 
 @lowers("dequantize")
 def _dequantize(ctx, node, args):
+    ctx.dequantized[node.name] = FusedDequantize(node, tuple(args))  # what an embedding gathers from
     if node.name in ctx.fused:
-        return FusedDequantize(node, tuple(args))
+        return ctx.dequantized[node.name]
     scheme, _, in_features = dequantize_scheme(node)
     tables = [relax.const(np.asarray(scheme.codebook, np.float32))] if scheme.codebook is not None else []
     # emit_te passes only TVM values on: the scheme goes in through partial

@@ -79,8 +79,9 @@ def to_relax(module: Module, kernels: Kernels = Kernels(), layout=None,
 
     Weights in ``packed`` are parameters in ``layout`` (see codegen/weight_layout.py); the linear
     kernels and the embedding lowering read them in that layout. A ``dequantize`` read only by
-    linears becomes part of their ``kernels.emit_quant_linear`` call when ``kernels.fuses_dequantize``
-    accepts it (codegen/quant_fusion.py); pass the same predicate to ``packed_weights``.
+    linears (and embeddings, which gather its rows) becomes part of their ``kernels.emit_quant_linear``
+    call when ``kernels.fuses_dequantize`` accepts it (codegen/quant_fusion.py); pass the same
+    predicate to ``packed_weights``.
     """
     weights = [(name, weight_param_type(module, name, layout if name in packed else None))
                for name in weight_order(module)]

@@ -4,32 +4,41 @@ A weight read only as the weight of ``linear`` nodes (and possibly as an ``embed
 which can gather rows from the packed layout too) is stored packed, once: so a tied embedding and
 LM head share one copy. So is a weight read only as an operand of ``dequantize`` nodes that the
 target's fused quantized-linear kernel absorbs (codegen/quant_fusion.py): its packed codes, scales
-and zeros, each ``[N, columns]``, get the same layout. A weight read any other way stays as the
-IR says.
+and zeros, each ``[N, columns]``, get the same layout, and so do the int8 codes and scales of
+``linear_w8a8`` (whose CPU kernel reads them blocked). An absorbed ``dequantize`` read as an
+embedding table too (a tied embedding and LM head quantized alike) keeps its parts blocked, once:
+the embedding gathers rows of the blocked parts (an ``embedding-dequantize`` use); parts read only
+by embeddings have no linear kernel to serve and stay as the IR says. A weight read any other way
+stays as the IR says.
 """
 
 from __future__ import annotations
 
 from ..ir.graph import Module
-from .quant_fusion import SupportsQuantLinear, fused_dequantizes
+from .quant_fusion import SupportsQuantLinear, dequantize_uses, fused_dequantizes
 
 FUSED_DEQUANTIZE = "fused-dequantize"  # the op name a use by an absorbed dequantize is recorded under
-ANCHOR_USES = {("linear", 1)} | {(FUSED_DEQUANTIZE, i) for i in range(3)}  # uses read by a linear kernel
-PACKABLE_USES = ANCHOR_USES | {("embedding", 1)}
+EMBEDDING_DEQUANTIZE = "embedding-dequantize"  # ... and a use by one an embedding gathers rows of
+ANCHOR_USES = ({("linear", 1), ("linear_w8a8", 1), ("linear_w8a8", 2)}  # uses read by a linear kernel
+               | {(FUSED_DEQUANTIZE, i) for i in range(3)})
+PACKABLE_USES = ANCHOR_USES | {("embedding", 1)} | {(EMBEDDING_DEQUANTIZE, i) for i in range(3)}
 
 
 def weight_uses(module: Module, supports: SupportsQuantLinear | None = None) -> dict[str, set[tuple[str, int]]]:
     """weight name -> {(op, operand index)} over every function; an operand of a ``dequantize``
-    that a fused kernel absorbs (see ``supports``) is recorded as a ``fused-dequantize`` use."""
+    that is absorbed (see ``supports``) is recorded as a ``fused-dequantize`` use when a linear
+    kernel reads it and as an ``embedding-dequantize`` use when an embedding gathers its rows."""
     uses: dict[str, set[tuple[str, int]]] = {}
     for func in module.functions.values():
         weights = {n.name: n.attr["name"] for n in func.nodes if n.op == "weight"}
         fused = fused_dequantizes(func, supports)
+        readers = {name: {FUSED_DEQUANTIZE if op == "linear" else EMBEDDING_DEQUANTIZE for op, _ in ops}
+                   for name, ops in dequantize_uses(func).items() if name in fused}
         for node in func.nodes:
-            op = FUSED_DEQUANTIZE if node.name in fused else node.op
-            for index, value in enumerate(node.inputs):
-                if value in weights:
-                    uses.setdefault(weights[value], set()).add((op, index))
+            for op in readers.get(node.name, (node.op,)):
+                for index, value in enumerate(node.inputs):
+                    if value in weights:
+                        uses.setdefault(weights[value], set()).add((op, index))
         for _, value in func.outputs:
             if value in weights:
                 uses.setdefault(weights[value], set()).add(("output", 0))
@@ -38,6 +47,6 @@ def weight_uses(module: Module, supports: SupportsQuantLinear | None = None) -> 
 
 def packed_weights(module: Module, supports: SupportsQuantLinear | None = None) -> set[str]:
     """Weights to store packed: read by a linear kernel (as a float weight, or as a part of a
-    quantized one that ``supports`` fuses), and otherwise only as an embedding table."""
+    quantized one that ``supports`` fuses), and otherwise only as (a part of) an embedding table."""
     return {name for name, uses in weight_uses(module, supports).items()
             if uses & ANCHOR_USES and uses <= PACKABLE_USES}

@@ -422,7 +422,7 @@ def _infer_dequantize(types, attrs):
     scheme = _quant_scheme(attrs)
     n, k = attrs["out_features"], attrs["in_features"]
     if not scheme.supports(k):
-        raise OpError(f"dequantize: in_features={k} is not a multiple of {scheme.name}'s group size")
+        raise OpError(f"dequantize: in_features={k} must be positive")
     expected = [TensorType("u32", (n, scheme.packed_width(k))), TensorType("f32", (n, scheme.groups(k)))]
     if not scheme.symmetric:
         expected.append(expected[1])

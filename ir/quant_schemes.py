@@ -3,7 +3,9 @@
 A ``Scheme`` says how a float weight ``w[N, K]`` (N output features, K input features) becomes
 integer codes: ``bits`` per code, one scale (and, when asymmetric, one zero point) per group of
 ``group_size`` consecutive input features of a row (``group_size=0``: one group per row, i.e. per
-output channel).
+output channel). A row has ``ceil(K / group_size)`` groups: when ``group_size`` does not divide
+``K`` the last group is short ("ragged", as in GPTQ/ExLlama formats), holding the last
+``K % group_size`` features, and its scale and zero come from those values only.
 
 - Symmetric int-b: ``scale = max|w| / (2^(b-1) - 1)`` per group, ``q = clip(round(w / scale),
   -(2^(b-1) - 1), 2^(b-1) - 1)``, stored unsigned as ``code = q + 2^(b-1)``;
@@ -85,14 +87,17 @@ class Scheme:
         return self.group_size or in_features
 
     def supports(self, in_features: int) -> bool:
-        return in_features > 0 and in_features % self.group_of(in_features) == 0
+        """Whether rows of ``in_features`` can be quantized: any positive width (the last group may be
+        short, the last word is zero-padded)."""
+        return in_features > 0
 
     def groups(self, in_features: int) -> int:
-        """Scales per row."""
+        """Scales per row: ``ceil(in_features / group)``, the last group short when ``group`` does not
+        divide ``in_features``."""
         if not self.supports(in_features):
-            raise LLMOptError(f"scheme {self.name}: {in_features} input features are not a multiple of its "
-                              f"group size {self.group_size}.", "Pick a scheme whose group size divides them.")
-        return in_features // self.group_of(in_features)
+            raise LLMOptError(f"scheme {self.name}: rows of {in_features} input features cannot be quantized.",
+                              "Quantize weights with at least one input feature.")
+        return -(-in_features // self.group_of(in_features))
 
     # ---- numpy reference -----------------------------------------------------------------------
     # Three primitives, on groups (the last axis holds one group's values; ``scale`` and ``zero``
@@ -156,19 +161,28 @@ class Scheme:
         return order[np.searchsorted(midpoints, scaled, side="left")].astype(np.uint8)
 
     def _groups(self, w: np.ndarray) -> np.ndarray:
+        """``w[N, K]`` as ``[N, groups, group]``. A short last group is padded with copies of its last
+        value ("edge"), which leaves its ``max |w|``, min and max, so its ``grid``, as they are; the
+        padding is cropped again (``_ungroup``)."""
         n, k = w.shape
-        return w.reshape(n, self.groups(k), self.group_of(k))
+        groups, group = self.groups(k), self.group_of(k)
+        return np.pad(w, ((0, 0), (0, groups * group - k)), mode="edge").reshape(n, groups, group)
+
+    @staticmethod
+    def _ungroup(groups: np.ndarray, in_features: int) -> np.ndarray:
+        """``[N, groups, group]`` back to ``[N, in_features]``, the last group's padding dropped."""
+        return np.ascontiguousarray(groups.reshape(len(groups), -1)[:, :in_features])
 
     def quantize(self, w: np.ndarray) -> QuantizedWeight:
         """Round-to-nearest quantization of ``w[N, K]``."""
         groups = self._groups(w.astype(np.float32))
         scale, zero = self.grid(groups)
-        return QuantizedWeight(self.encode(groups, scale, zero).reshape(w.shape), scale, zero)
+        return QuantizedWeight(self._ungroup(self.encode(groups, scale, zero), w.shape[1]), scale, zero)
 
     def dequantize(self, quantized: QuantizedWeight) -> np.ndarray:
         """f32 ``[N, K]`` from codes, scales and zeros."""
         codes = quantized.codes
-        return self.decode(self._groups(codes), quantized.scales, quantized.zeros).reshape(codes.shape)
+        return self._ungroup(self.decode(self._groups(codes), quantized.scales, quantized.zeros), codes.shape[1])
 
     def pack(self, codes: np.ndarray) -> np.ndarray:
         """uint32 ``[N, packed_width(K)]`` holding ``codes[N, K]`` (see the module docstring)."""

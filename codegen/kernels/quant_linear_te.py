@@ -33,7 +33,8 @@ def dequantized_weight(scheme: Scheme, in_features: int, packed: te.Tensor, scal
     """``w(n, k)``: the f32 weight the ``dequantize`` op gives at ``[n, k]``, as a TIR expression.
 
     Integer schemes: ``(code - zero) * scale`` (zero: the group's zero point, or ``2**(bits-1)``
-    when symmetric). Codebook schemes: ``codebook[code] * scale``.
+    when symmetric). Codebook schemes: ``codebook[code] * scale``. The group of ``k`` is
+    ``k // group``, a short last group (``group`` not dividing ``in_features``) included.
     """
     group = scheme.group_of(in_features)
     if (zeros is not None) != scheme.has_zeros or (codebook is not None) != (scheme.codebook is not None):

@@ -33,7 +33,10 @@ descent sweeps after the first, default 2), and those of every calibrated pass (
 ``rules``, ``calibration``, ``samples``, ``seq_len``, ``seed``; see ``calibrated.py``).
 
 Requires: verified IR, a ``prefill`` entry point taking ``ids`` and ``pos``. Guarantees: as
-``quantize-rtn``, with AWQ's codes and input scaling for every linear calibration reached. Stats:
+``quantize-rtn``, with AWQ's codes and input scaling for every linear calibration reached (an
+embedding table tied to a linear whose input is rescaled is no longer tied, that linear reading
+``W * s``: it stays float unless a rule names its scheme, then it gets round-to-nearest codes of
+``W``). Stats:
 those of ``quantize-rtn``, ``calibrated`` weights, ``smoothed`` linears whose input is rescaled,
 ``folded`` norm weights absorbing ``1 / s`` and ``scaled`` inserted ``mul`` nodes.
 """
@@ -48,7 +51,7 @@ from ...errors import LLMOptError
 from ...ir.graph import Module, Node
 from ...ir.quant_schemes import QuantizedWeight, Scheme
 from ..base import PassResult
-from .calibrated import CalibratedQuantization
+from .calibrated import CalibratedQuantization, memory_stats
 from .rewrite import LayerRules, quantize_linears
 from .smoothing import smooth_linears, smoothed_name
 
@@ -105,17 +108,18 @@ class ClipSearch:
 
     def __init__(self, ws: np.ndarray, h: np.ndarray, scheme: Scheme, ratios: np.ndarray):
         n, k = ws.shape
-        self.scheme, self.h, self.ratios, self.size = scheme, h, ratios, scheme.group_of(k)
-        self.groups = ws.reshape(n, -1, self.size)
-        self.codes = np.zeros(self.groups.shape, np.uint8)
-        self.scales = np.zeros(self.groups.shape[:2], np.float32)
-        self.zeros = np.zeros(self.groups.shape[:2], np.float32) if scheme.has_zeros else None
+        self.scheme, self.h, self.ratios, self.ws = scheme, h, ratios, ws
+        size = scheme.group_of(k)  # the last group is short when size does not divide k
+        self.parts = [slice(start, min(start + size, k)) for start in range(0, k, size)]
+        self.codes = np.zeros((n, k), np.uint8)
+        self.scales = np.zeros((n, len(self.parts)), np.float32)
+        self.zeros = np.zeros((n, len(self.parts)), np.float32) if scheme.has_zeros else None
         self.delta = np.zeros_like(ws)  # the current quantization error, [N, K]
         self.own_errors: dict[int, np.ndarray] = {}  # group -> [ratios, N]
 
     def candidates(self, g: int):
         """(codes, scale, zero, error) of group ``g`` of every row, clipped by each ratio."""
-        values = self.groups[:, g]
+        values = self.ws[:, self.parts[g]]
         if self.scheme.has_zeros:
             low, high = values.min(axis=-1), values.max(axis=-1)
         else:
@@ -128,19 +132,18 @@ class ClipSearch:
             yield codes, scale, zero, values - self.scheme.decode(codes, scale, zero)
 
     def sweep(self, cross: bool) -> None:
-        rows = np.arange(len(self.groups))
-        for g in range(self.groups.shape[1]):
-            part = slice(g * self.size, (g + 1) * self.size)
+        rows = np.arange(len(self.ws))
+        for g, part in enumerate(self.parts):
             codes, scales, zeros, deltas = (np.stack(parts) for parts in zip(*self.candidates(g)))
             if g not in self.own_errors:  # d_g H_gg d_g of each candidate: the same in every sweep
-                products = (deltas.reshape(-1, self.size) @ self.h[part, part]).reshape(deltas.shape)
+                products = (deltas.reshape(-1, deltas.shape[-1]) @ self.h[part, part]).reshape(deltas.shape)
                 self.own_errors[g] = np.einsum("rni,rni->rn", products, deltas)
             errors = self.own_errors[g]
             if cross:  # + 2 d_g H_g,rest d_rest, with the other groups' current errors
                 rest = self.delta @ self.h[:, part] - self.delta[:, part] @ self.h[part, part]
                 errors = errors + 2 * np.einsum("rni,ni->rn", deltas, rest)
             best = errors.argmin(axis=0)
-            self.codes[:, g], self.scales[:, g] = codes[best, rows], scales[best, rows]
+            self.codes[:, part], self.scales[:, g] = codes[best, rows], scales[best, rows]
             self.delta[:, part] = deltas[best, rows]
             if self.zeros is not None:
                 self.zeros[:, g] = zeros[best, rows]
@@ -148,7 +151,7 @@ class ClipSearch:
     def run(self, sweeps: int) -> QuantizedWeight:
         for index in range(sweeps + 1):
             self.sweep(cross=index > 0)
-        return QuantizedWeight(self.codes.reshape(self.delta.shape), self.scales, self.zeros)
+        return QuantizedWeight(self.codes, self.scales, self.zeros)
 
 
 def rows_of(chosen: np.ndarray, first: QuantizedWeight, second: QuantizedWeight) -> QuantizedWeight:
@@ -208,9 +211,12 @@ class QuantizeAWQ(CalibratedQuantization):
         def produce(name: str, scheme: Scheme) -> QuantizedWeight:
             source = original.get(name, name)
             found = results.get((source, scheme.name))
-            if found is not None and found.input_scale is factors.get(source):
+            # a smoothed weight's readers all read <w>.smoothquant: an unsmoothed name with a factor
+            # is an embedding table, which needs codes of w itself (no s)
+            if found is not None and found.input_scale is (factors.get(source) if name in original else None):
                 return found
             return scheme.quantize(smoothed.module.weights.get(name))  # not calibrated, or another scheme's s
 
-        quantized = quantize_linears(smoothed.module, self.name, choose, produce)
-        return PassResult(quantized.module, {**quantized.stats, **smoothed.stats, "calibrated": len(results)})
+        quantized = quantize_linears(smoothed.module, self.name, choose, produce, tables=rules)
+        return PassResult(quantized.module, {**quantized.stats, **smoothed.stats, "calibrated": len(results),
+                                             **memory_stats(results.memory)})

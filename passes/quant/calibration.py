@@ -12,12 +12,15 @@ reaches a linear that reads a stored weight, it calls ``visit(linear, weight, in
 linear's input for every sample; ``visit`` may return a replacement weight (the method's
 dequantized result), which this and every later read of that weight then use. So block ``i`` is
 calibrated on the outputs of the already-quantized blocks before it. Values are freed after their
-last reader, and weights are loaded when read, so peak memory is the calibration activations plus
-the weights in use, not the model.
+last reader, weights are loaded when read and dropped (replacements too) after their last reader,
+so peak memory is the calibration activations plus the weights in use, not the model. The run
+returns ``StreamMemory``: the most bytes it held at once (measured on the arrays it holds after
+each node) and the process's peak RSS, so a build can report what calibration cost.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -78,9 +81,37 @@ def calibration_tokens(module: Module, text: str | Path = DEFAULT_CALIBRATION_TE
     return np.stack([ids[start:start + seq_len] for start in starts])
 
 
-def stream_linears(module: Module, tokens: np.ndarray, visit: Visit, entry: str = "prefill") -> None:
+@dataclass(frozen=True)
+class StreamMemory:
+    """What a calibration stream held: ``peak_bytes``, the most bytes of activations (every
+    sample's live values) and weights in use (loaded or replaced) held at once, after any node;
+    ``activation_bytes``, the activations' share at that moment; ``process_peak_rss_bytes``, the
+    process's peak resident memory when the stream ended (it includes what ran before)."""
+
+    peak_bytes: int
+    activation_bytes: int
+    process_peak_rss_bytes: int
+
+    @property
+    def peak_mib(self) -> float:
+        return self.peak_bytes / 2**20
+
+
+def _process_peak_rss_bytes() -> int:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def stream_linears(module: Module, tokens: np.ndarray, visit: Visit, entry: str = "prefill") -> StreamMemory:
     """Run ``entry`` on every row of ``tokens`` (see the module docstring), calling ``visit`` at
-    each linear that reads a stored f32 weight, in program order."""
+    each linear that reads a stored f32 weight, in program order; returns what the run held."""
     func = module.functions[entry]
     feeds = [{"ids": row[None, :].astype(np.int32), "pos": np.arange(len(row), dtype=np.int32)} for row in tokens]
     missing = [p.name for p in func.params if p.name not in feeds[0]]
@@ -92,8 +123,12 @@ def stream_linears(module: Module, tokens: np.ndarray, visit: Visit, entry: str 
     last_use = {name: index for index, node in enumerate(func.nodes) for name in node.inputs}
     weights_of = linear_weights(func)
     weight_names = {n.name: n.attr["name"] for n in func.nodes if n.op == "weight"}
-    replaced: dict[str, np.ndarray] = {}  # weight name -> what visit returned
+    last_read_of_weight: dict[str, int] = {}  # stored weight name -> index of its last reader
+    for value, name in weight_names.items():
+        last_read_of_weight[name] = max(last_read_of_weight.get(name, -1), last_use.get(value, -1))
+    replaced: dict[str, np.ndarray] = {}  # weight name -> what visit returned, until its last reader
     loaded: dict[str, np.ndarray] = {}  # weight value -> array, while some node still reads it
+    peak = (0, 0)  # (bytes held, of which activations)
 
     def read(sample: dict, value: str) -> np.ndarray:
         if value not in weight_names:
@@ -116,8 +151,14 @@ def stream_linears(module: Module, tokens: np.ndarray, visit: Visit, entry: str 
             for sample in values:
                 sample[node.name] = np.asarray(OPS[node.op].ref([read(sample, i) for i in node.inputs],
                                                                 node.attr, env))
+        activations = sum(array.nbytes for sample in values for array in sample.values())
+        weights = {id(a): a.nbytes for a in [*loaded.values(), *replaced.values()]}
+        peak = max(peak, (activations + sum(weights.values()), activations))
         for name in node.inputs:
             if last_use.get(name) == index:
                 loaded.pop(name, None)
+                if name in weight_names and last_read_of_weight[weight_names[name]] == index:
+                    replaced.pop(weight_names[name], None)
                 for sample in values:
                     sample.pop(name, None)
+    return StreamMemory(peak[0], peak[1], _process_peak_rss_bytes())

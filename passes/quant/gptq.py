@@ -13,7 +13,8 @@ proportion to their correlation with it (the inverse of the Hessian ``H = 2/n X^
   the columns after the block in one matrix product when the block is done (the "lazy batch").
 - A group's grid (scale and, asymmetric, zero point; for codebook schemes the codebook's scale)
   is chosen from the group's current, error-updated weights when the first of its columns is
-  reached; with ``static_groups``, from the original weights before the loop. With ``mse_grid``
+  reached; with ``static_groups``, from the original weights before the loop. A short last group
+  (the group size does not divide ``K``) gets its grid from its own columns only. With ``mse_grid``
   (the ``mse`` option of the reference implementation, IST-DASLab/gptq) it is the best of
   ``Scheme.grid`` of the group's range shrunk by a factor in 0.21..1 (steps of 0.05, then 0.01
   around the best): the one with the least ``sum |w - q|^2.4`` (clipping a few outliers to round
@@ -156,16 +157,14 @@ class _GPTQColumns:
         self.group = scheme.group_of(k)
         self.rows = np.ascontiguousarray(w.T[order])  # [K, N] in visiting order
         self.position = np.argsort(order)  # original column -> visiting position
+        groups = scheme.groups(k)  # the last one short when the group size does not divide k
         self.codes = np.zeros((n, k), np.uint8)
-        self.scales = np.zeros((n, k // self.group), np.float32)
-        self.zeros = np.zeros((n, k // self.group), np.float32) if scheme.has_zeros else None
-        self.has_grid = np.zeros(k // self.group, bool)
+        self.scales = np.zeros((n, groups), np.float32)
+        self.zeros = np.zeros((n, groups), np.float32) if scheme.has_zeros else None
+        self.has_grid = np.zeros(groups, bool)
         if static_groups:
-            groups = w.reshape(n, -1, self.group)
-            self.scales[:], zeros = choose(groups)
-            if self.zeros is not None:
-                self.zeros[:] = zeros
-            self.has_grid[:] = True
+            for group in range(groups):
+                self.set_grid(group, *choose(w[:, group * self.group:(group + 1) * self.group]))
 
     def run(self) -> QuantizedWeight:
         k = len(self.rows)
@@ -199,7 +198,9 @@ class _GPTQColumns:
         later = positions >= block_start + self.block_size
         if later.any() and j > block_start:
             current[later] -= self.upper[block_start:j, positions[later]].T @ errors[:j - block_start]
-        scale, zero = self.choose(current.T)
+        self.set_grid(group, *self.choose(current.T))
+
+    def set_grid(self, group: int, scale: np.ndarray, zero: np.ndarray | None) -> None:
         self.scales[:, group] = scale
         if self.zeros is not None:
             self.zeros[:, group] = zero

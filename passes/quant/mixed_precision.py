@@ -108,8 +108,8 @@ def measure_sensitivity(module: Module, tokens: np.ndarray, candidates: tuple[st
     stored f32 weight (stream order, each weight once, none matching ``keep_float``), calibrated
     on the int32 token ids ``tokens[samples, seq_len]``; with ``probe``, each layer's gain from
     the KL of the ``logits`` entry's output on the first ``probe_samples`` rows when only that
-    layer is quantized with ``probe`` (see the module docstring). A candidate whose group size
-    does not divide a layer's ``in_features`` is left out for that layer."""
+    layer is quantized with ``probe`` (see the module docstring). A candidate that cannot quantize
+    a layer's ``in_features`` (``Scheme.supports``) is left out for that layer."""
     schemes = [get_scheme(name) for name in candidates]
     planned = planned_weights(module, keep_float)
     layers: dict[str, LayerSensitivity] = {}

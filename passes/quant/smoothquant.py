@@ -21,7 +21,8 @@ the inputs by ``s`` (folded into the producing ``rms_norm``'s weight where it ca
 Requires: verified IR with a ``prefill(ids, pos)`` entry point. Guarantees: verified IR; every
 ``linear`` reading a static f32 ``[N, K]`` weight whose rule is not ``skip`` is a
 ``linear_w8a8``. Stats: ``quantized`` linears, ``weights_quantized``, ``calibrated`` groups,
-``smoothed`` linears, ``folded`` norm weights, ``scaled`` inserted ``mul`` nodes.
+``smoothed`` linears, ``folded`` norm weights, ``scaled`` inserted ``mul`` nodes, and what
+calibration held (``calibration_peak_mib``, ``calibration_rss_mib``; see ``calibrated.py``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from ...ir.graph import Function, Module
 from ...ir.ops import W8A8_WEIGHT_SCHEME
 from ...ir.quant_schemes import get_scheme
 from ..base import PassResult
-from .calibrated import CalibratedQuantization
+from .calibrated import Calibrated, CalibratedQuantization, memory_stats
 from .calibration import stream_linears
 from .rewrite import KEEP_FLOAT, LayerRules, linear_weights
 from .smoothing import smooth_linears, smoothed_name, smoothing_factors
@@ -81,9 +82,10 @@ class SmoothQuant(CalibratedQuantization):
         chosen = chosen_weights(module, LayerRules(self.scheme, self.rules))
         quantized = w8a8_linears(smoothed.module, {smoothed_name(w) if w in factors else w for w in chosen}, self.name)
         calibrated = len({id(s) for s in factors.values()})
-        return PassResult(quantized.module, {**quantized.stats, **smoothed.stats, "calibrated": calibrated})
+        return PassResult(quantized.module, {**quantized.stats, **smoothed.stats, "calibrated": calibrated,
+                                             **memory_stats(factors.memory)})
 
-    def calibrate(self, module: Module, tokens: np.ndarray) -> dict[str, np.ndarray]:
+    def calibrate(self, module: Module, tokens: np.ndarray) -> Calibrated:
         """weight name -> smoothing factor ``s[K]`` (one array object per group) of every chosen
         linear that ``prefill`` reaches, streaming the token ids ``tokens`` ``[samples, seq_len]``."""
         if self.scheme != W8A8_WEIGHT_SCHEME:
@@ -116,5 +118,4 @@ class SmoothQuant(CalibratedQuantization):
             s = factors[name][None, :]
             return scheme.dequantize(scheme.quantize(store.get(name) * s)) / s
 
-        stream_linears(module, tokens, visit)
-        return factors
+        return Calibrated(factors, stream_linears(module, tokens, visit))

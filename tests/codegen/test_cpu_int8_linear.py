@@ -102,6 +102,13 @@ def test_smoothquant_tiny_llama_artifact_matches_the_interpreter(tiny_llama, tmp
     assert sum(node.op == "linear_w8a8" for node in quantized.functions["decode"].nodes) == 8
     build(load_hf_folder(tiny_llama), tmp_path / "artifact", BuildOptions(pipeline=pipeline))
     model = load(tmp_path / "artifact")
+    from llmopt.runtime.manifest import read_manifest
+    w8a8_parts = {name for node in quantized.functions["decode"].nodes if node.op == "linear_w8a8"
+                  for name in node.inputs[1:3]}
+    w8a8_weights = {n.attr["name"] for n in quantized.functions["decode"].nodes
+                    if n.op == "weight" and n.name in w8a8_parts}
+    stored = {w.name: w.shape for w in read_manifest(tmp_path / "artifact").weights}
+    assert w8a8_weights and all(len(stored[name]) == 3 for name in w8a8_weights)  # kept in the kernel's blocks
     ids = np.array([1, 17, 99, 3, 42, 7, 64, 5, 120, 33, 8])
     feed = {"ids": ids[None, :].astype(np.int32), "pos": np.arange(len(ids), dtype=np.int32)}
     want = run_module(quantized, "logits", feed)["logits"][0]

@@ -22,9 +22,14 @@ TARGET = host_cpu_target()
 RNG = np.random.default_rng(0)
 
 # (scheme, N, K, bias): N not a multiple of the 64-row block in three cases; per-channel w8,
-# symmetric and asymmetric 4-bit groups, 2-bit codes (16 per word), NF4 codebook levels.
+# symmetric and asymmetric 4-bit groups, 2-bit codes (16 per word), NF4 codebook levels. Then
+# ragged groups (K not a multiple of the group: the last group short): SmolLM2's K = 576 with
+# groups of 128 (4 full + 64), 8-bit codes with K = 200 (1 full group + 72), and K < group (no
+# full group at all).
 CASES = [("w4g128", 130, 256, True), ("w8", 64, 96, False), ("w4g32-asym", 70, 96, True), ("w2g64", 40, 128, False),
-         ("nf4g64", 100, 128, True)]
+         ("nf4g64", 100, 128, True),
+         ("w4g128", 70, 576, True), ("w4g128-asym", 64, 576, False), ("nf4g128", 40, 576, True),
+         ("w8g128-asym", 40, 200, True), ("w4g128", 20, 64, False)]
 
 
 def _quantized(scheme_name: str, n: int, k: int):
@@ -66,7 +71,7 @@ def _compile(mod: tvm.IRModule):
 
 
 @pytest.mark.parametrize("decode", [True, False], ids=["gemv", "gemm"])
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-k{c[2]}" for c in CASES])
 def test_kernel_matches_dequantize_then_matmul(case, decode):
     name, n, k, bias = case
     scheme, parts, weight = _quantized(name, n, k)
@@ -89,19 +94,20 @@ def test_parts_in_the_ir_layout_are_blocked_in_the_graph():
     np.testing.assert_allclose(got, x @ weight.T, rtol=0, atol=2e-5 * np.abs(x @ weight.T).max())
 
 
-@pytest.mark.parametrize("name", ["w4g32-asym", "nf4g64", "fp8", "w3g64"])
-def test_te_definition_matches_the_reference(name):
+@pytest.mark.parametrize("name, k", [("w4g32-asym", 128), ("nf4g64", 128), ("fp8", 128), ("w3g64", 128),
+                                     ("w4g128-asym", 576), ("nf4g128", 200), ("w3g64", 200)])  # ragged
+def test_te_definition_matches_the_reference(name, k):
     """The target-independent compute (what a GPU schedule would start from), default-scheduled."""
-    scheme, parts, weight = _quantized(name, 24, 128)
-    x = RNG.standard_normal((3, 128)).astype(np.float32)
+    scheme, parts, weight = _quantized(name, 24, k)
+    x = RNG.standard_normal((3, k)).astype(np.float32)
     b = RNG.standard_normal(24).astype(np.float32)
-    tensors = [te.placeholder((3, 128), "float32", "x")]
+    tensors = [te.placeholder((3, k), "float32", "x")]
     tensors += [te.placeholder(p.shape, "uint32" if p.dtype == np.uint32 else "float32", f"p{i}")
                 for i, p in enumerate(parts)]
     codebook = te.placeholder((2 ** scheme.bits,), "float32", "codebook") if scheme.codebook else None
     bias = te.placeholder((24,), "float32", "b")
     zeros = tensors[3] if scheme.has_zeros else None
-    y = quant_linear_te(tensors[0], tensors[1], tensors[2], zeros, codebook, bias, scheme=scheme, in_features=128)
+    y = quant_linear_te(tensors[0], tensors[1], tensors[2], zeros, codebook, bias, scheme=scheme, in_features=k)
     inputs = tensors + ([codebook] if codebook is not None else []) + [bias]
     func = tvm.tirx.build(te.create_prim_func(inputs + [y]), target="llvm")
     arrays = [x, *parts] + ([np.asarray(scheme.codebook, np.float32)] if codebook is not None else []) + [b]
@@ -117,7 +123,8 @@ def test_supported_schemes():
     assert supports(get_scheme("w3"), 10, 90, TARGET)  # one group per row: whole 10-code words
     assert not supports(get_scheme("w3g128"), 576, 1536, TARGET)  # 128 codes are not whole 10-code words
     assert not supports(get_scheme("fp8"), 576, 576, TARGET)  # 256 codebook levels: generic dequantize
-    assert not supports(get_scheme("w4g128"), 576, 576, TARGET)  # 576 is not a multiple of the group
+    assert supports(get_scheme("w4g128"), 576, 576, TARGET)  # 4 groups of 128 and a short one of 64
+    assert not supports(get_scheme("w4g128"), 576, 572, TARGET)  # the short last group is not whole words
     avx2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
     assert supports(get_scheme("w4g64"), 576, 576, avx2) and not supports(get_scheme("nf4g64"), 576, 576, avx2)
 
@@ -143,19 +150,21 @@ def _linear_module(name: str, n: int, k: int, dequantized_is_output: bool) -> Mo
     return Module({"f": builder.finish()}, store)
 
 
-@pytest.mark.parametrize("name, dequantized_is_output, fused", [
-    ("w4g32-asym", False, True),
-    ("w4g32-asym", True, False),  # the f32 weight is a result: materialized, the linear reads it
-    ("nf4g64", False, supports(get_scheme("nf4g64"), 70, 128, TARGET)),  # fused where AVX-512 is
-    ("fp8", False, False),  # 256 codebook levels: the generic dequantize (table lookup), then the f32 kernel
+@pytest.mark.parametrize("name, dequantized_is_output, fused, k", [
+    ("w4g32-asym", False, True, 128),
+    ("w4g32-asym", True, False, 128),  # the f32 weight is a result: materialized, the linear reads it
+    ("nf4g64", False, supports(get_scheme("nf4g64"), 70, 128, TARGET), 128),  # fused where AVX-512 is
+    ("fp8", False, False, 128),  # 256 codebook levels: the generic dequantize (table lookup), then the f32 kernel
+    ("w4g64-asym", False, True, 200),  # ragged: 3 groups of 64 and one of 8, fused
+    ("w3g64", False, False, 200),  # ragged, 64 codes are not whole 10-code words: the generic dequantize
 ])
-def test_codegen_fuses_only_dequantizes_read_by_linears(name, dequantized_is_output, fused):
-    module = _linear_module(name, 70, 128, dequantized_is_output)
+def test_codegen_fuses_only_dequantizes_read_by_linears(name, dequantized_is_output, fused, k):
+    module = _linear_module(name, 70, k, dequantized_is_output)
     library = compile_module(module, get_target("cpu"))
     assert {"w.packed", "w.scales"} <= library.packed if fused else not library.packed & {"w.packed", "w.scales"}
     stored = [tvm.runtime.tensor(array) for _, array in library.stored_weights(module)]
     vm = relax.VirtualMachine(library.executable, tvm.cpu())
-    x = RNG.standard_normal((1, 5, 128)).astype(np.float32)
+    x = RNG.standard_normal((1, 5, k)).astype(np.float32)
     got = vm["f"](tvm.runtime.tensor(x), *stored)
     want = run_module(module, "f", {"x": x})
     np.testing.assert_allclose(got[0].numpy(), want["y"], rtol=0, atol=1e-5 * np.abs(want["y"]).max())

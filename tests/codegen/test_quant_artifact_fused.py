@@ -34,10 +34,11 @@ def _save_wide_tiny(folder):
     word_tokenizer(folder / "tokenizer.json")
 
 
-@pytest.fixture(scope="module", params=["w8", "w4g128"])
+@pytest.fixture(scope="module", params=["w8", "w4g128", "w4g64-asym"])
 def quantized_build(request, tmp_path_factory, tiny_llama):
     """(scheme, quantized IR, artifact dir): w8 on the shared tiny Llama (K = 64, 96), w4g128 on one
-    with K = 128, 256 (so every linear but the excluded lm_head is quantized)."""
+    with K = 128, 256 (whole groups), w4g64-asym on the shared one again: down_proj's K = 96 is a
+    full group of 64 and a short one of 32 (ragged groups, fused GEMV and GEMM)."""
     folder = tiny_llama
     if request.param == "w4g128":
         folder = tmp_path_factory.mktemp("wide_tiny") / "hf"

@@ -32,10 +32,11 @@ def word_tokenizer(path: Path) -> None:
     tokenizer.save(str(path))
 
 
-def save_tiny(kind: str, folder: Path, seed: int = 0) -> transformers.PreTrainedModel:
+def save_tiny(kind: str, folder: Path, seed: int = 0, **overrides) -> transformers.PreTrainedModel:
+    """A ``kind`` checkpoint in ``folder``; ``overrides`` change its config (e.g. num_hidden_layers)."""
     config_cls, model_cls, kwargs = TINY_CONFIGS[kind]
     torch.manual_seed(seed)
-    model = model_cls(config_cls(**kwargs, bos_token_id=1, eos_token_id=2)).eval()
+    model = model_cls(config_cls(**{**kwargs, **overrides}, bos_token_id=1, eos_token_id=2)).eval()
     with torch.no_grad():  # random biases and norms, so that those paths are really tested
         for name, param in model.named_parameters():
             if name.endswith("bias") or "norm" in name:

@@ -78,9 +78,16 @@ def test_golden_text_symmetric_nothing_excluded():
     np.testing.assert_allclose(run_module(result.module, "f", {"x": x})["z"], (x @ up.T) @ head.T, atol=1e-5, rtol=0)
 
 
-def test_weights_whose_width_does_not_fit_the_groups_stay_float():
-    result = QuantizeRTN(scheme="w4g128").apply(parse_module(ir(BEFORE), random_store(**SHAPES)))
-    assert result.stats == {"quantized": 0, "skipped_shape": 1, "weights_quantized": 0}
+def test_weights_narrower_than_a_group_get_one_short_group():
+    """K = 64 < 128: quantized with one (short) group per row, no longer skipped."""
+    store = random_store(**SHAPES)
+    result = QuantizeRTN(scheme="w4g128").apply(parse_module(ir(BEFORE), store))
+    assert result.stats == {"quantized": 1, "skipped_shape": 0, "weights_quantized": 1}
+    assert result.module.weights.type("blk.up.weight.w4g128.scales") == TensorType("f32", (4, 1))
+    x = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
+    w = dequantized(SCHEMES["w4g128"], store.get("blk.up.weight"))
+    want = (x @ w.T) @ store.get("lm_head.weight").T
+    np.testing.assert_allclose(run_module(result.module, "f", {"x": x})["z"], want, atol=1e-5, rtol=0)
 
 
 def test_quantization_is_lazy_and_shared_by_the_parts_of_a_weight():
@@ -106,6 +113,10 @@ def test_dequantize_op_checks_its_operands():
         infer_type("dequantize", [packed, groups], attrs)
     with pytest.raises(OpError, match="unknown quantization scheme"):
         infer_type("dequantize", [packed, groups], {**attrs, "scheme": "int5"})
+    ragged = dict(scheme="w4g128", out_features=4, in_features=200)  # 128 + a short group of 72
+    assert infer_type("dequantize", [TensorType("u32", (4, 25)), groups], ragged) == TensorType("f32", (4, 200))
+    with pytest.raises(OpError, match="expected operands"):
+        infer_type("dequantize", [TensorType("u32", (4, 25)), TensorType("f32", (4, 1))], ragged)
 
 
 def test_pipeline_spec_and_unknown_scheme():

@@ -96,6 +96,39 @@ def test_stream_continues_with_the_weight_visit_returns(fused):
     assert not np.allclose(seen[last], normal[last], atol=1e-3)
 
 
+def test_stream_memory_grows_with_one_block_not_with_the_model(tmp_path):
+    """The same tiny model with 2 and with 8 decoder blocks, every linear replaced by a new weight
+    as a quantizer does: what the stream holds at its peak differs by less than one block's
+    weights, and is below the 8-block model's weights."""
+    from tiny_models import save_tiny
+
+    def held(layers: int):
+        folder = tmp_path / f"l{layers}"
+        save_tiny("llama", folder, num_hidden_layers=layers, hidden_size=128, intermediate_size=384)
+        module = PassManager(build_pipeline("default")).run(load_hf_folder(folder))
+        memory = stream_linears(module, TOKENS, lambda linear, weight, inputs: module.weights.get(
+            weight.attr["name"]) * np.float32(0.5))
+        block = sum(module.weights.get(name).nbytes for name in module.weights if ".layers.0." in name
+                    or name.startswith("model.layers.0."))
+        total = sum(module.weights.get(name).nbytes for name in module.weights)
+        return memory, block, total
+
+    (two, block, _), (eight, _, total8) = held(2), held(8)
+    assert block > 0
+    assert eight.activation_bytes > 0 and eight.peak_bytes >= eight.activation_bytes
+    assert abs(eight.peak_bytes - two.peak_bytes) < block
+    assert eight.peak_bytes < total8
+    assert eight.process_peak_rss_bytes > eight.peak_bytes
+
+
+def test_calibrated_passes_report_calibration_memory(fused, tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"w{i % 90}" for i in range(400)))
+    from llmopt.passes.quant.gptq import QuantizeGPTQ
+    stats = QuantizeGPTQ(scheme="w8", calibration=str(text), samples=2, seq_len=16).apply(fused).stats
+    assert 0 < stats["calibration_peak_mib"] <= stats["calibration_rss_mib"]
+
+
 def test_quant_spec_names_a_method_and_a_scheme():
     assert quantization_pass("w8").name == "quantize-rtn"
     assert quantization_pass("rtn:w4g32-asym", rules="lm_head=w8").rules == "lm_head=w8"

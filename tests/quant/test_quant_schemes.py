@@ -97,6 +97,76 @@ def test_asymmetric_weights_on_the_grid_are_reproduced_exactly():
     np.testing.assert_array_equal(scheme.dequantize_packed(scheme.pack(q.codes), q.scales, q.zeros, 64), w)
 
 
+def per_group_reference(scheme: Scheme, w: np.ndarray):
+    """Codes, scales, zeros (None when symmetric) and the dequantized weight, computed in f32 on each
+    group's own columns ``w[:, start:start + group]``, the last one short when the group does not
+    divide K: the module docstring's formulas, without ``grid``/``encode``/``decode``."""
+    n, k = w.shape
+    group = scheme.group_size or k
+    codes, scales, zeros, values = [], [], [], []
+    for start in range(0, k, group):
+        part = w[:, start:start + group].astype(np.float32)
+        if scheme.codebook is not None:
+            levels = np.asarray(scheme.codebook, np.float32)
+            scale = np.abs(part).max(axis=1) / np.abs(levels).max()
+            scale = np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
+            code = np.abs((part / scale[:, None])[..., None] - levels).argmin(axis=-1)  # ties: the lower level
+            level, zero = levels[code], None
+        elif scheme.symmetric:
+            qmax = np.float32(2 ** (scheme.bits - 1) - 1)
+            scale = np.abs(part).max(axis=1) / qmax
+            scale = np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
+            q = np.clip(np.round(part / scale[:, None]), -qmax, qmax)
+            code, level, zero = q + 2 ** (scheme.bits - 1), q, None
+        else:
+            low, high = part.min(axis=1), part.max(axis=1)
+            scale = (high - low) / np.float32(2 ** scheme.bits - 1)
+            scale = np.where(scale > 0, scale, np.where(low != 0, np.abs(low), np.float32(1))).astype(np.float32)
+            zero = np.round(-low / scale).astype(np.float32)
+            code = np.clip(np.round(part / scale[:, None]) + zero[:, None], 0, 2 ** scheme.bits - 1)
+            level = code - zero[:, None]
+        codes.append(code.astype(np.uint8))
+        scales.append(scale)
+        zeros.append(zero)
+        values.append((level * scale[:, None]).astype(np.float32))
+    stacked_zeros = None if zeros[0] is None else np.stack(zeros, axis=1)
+    return np.concatenate(codes, axis=1), np.stack(scales, axis=1), stacked_zeros, np.concatenate(values, axis=1)
+
+
+@pytest.mark.parametrize("name, k", [("w4g128", 576), ("w4g128-asym", 576), ("nf4g128", 576), ("w3g128", 576),
+                                     ("w4g64", 200), ("w4g64-asym", 200), ("nf4g64", 200), ("w4g128", 64)])
+def test_ragged_groups_match_a_per_group_computation(name, k):
+    """K not a multiple of the group: ceil(K / group) groups, the last one short, its grid from its
+    own values only (here the tail holds the row's extremes and the full groups small values, and
+    vice versa, so a tail grid borrowing any other value would show)."""
+    scheme = get_scheme(name)
+    group = scheme.group_size
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((6, k)).astype(np.float32)
+    tail = slice(k // group * group, k)
+    w[0, tail] *= 20  # a tail of outliers
+    w[1, tail] *= 0.01  # a tail of tiny values
+    w[2, tail] = 0  # an all-zero tail
+    w[3] += 3  # an asymmetric row
+    w[4, tail] = -1.5  # a constant tail
+    q = scheme.quantize(w)
+    codes, scales, zeros, dequantized = per_group_reference(scheme, w)
+    assert scheme.groups(k) == -(-k // group) and q.scales.shape == (6, -(-k // group))
+    np.testing.assert_array_equal(q.codes, codes)
+    np.testing.assert_array_equal(q.scales, scales)
+    if zeros is None:
+        assert q.zeros is None
+    else:
+        np.testing.assert_array_equal(q.zeros, zeros)
+    np.testing.assert_array_equal(scheme.dequantize(q), dequantized)
+    packed = scheme.pack(q.codes)
+    assert packed.shape == (6, scheme.packed_width(k))
+    np.testing.assert_array_equal(scheme.dequantize_packed(packed, q.scales, q.zeros, k), dequantized)
+    if scheme.codebook is None:  # within half a step of the weight, the all-zero and constant tails exactly
+        assert np.all(np.abs(dequantized - w) <= np.repeat(q.scales, group, axis=1)[:, :k] / 2 * (1 + 1e-5))
+        np.testing.assert_array_equal(dequantized[[2, 4], tail], w[[2, 4], tail])
+
+
 def test_unknown_scheme_lists_the_known_ones():
     with pytest.raises(LLMOptError) as error:
         get_scheme("int5")
@@ -108,8 +178,9 @@ def test_invalid_scheme_and_group_mismatch_are_user_errors():
         Scheme("w9", bits=9, group_size=0, symmetric=True)
     with pytest.raises(LLMOptError, match="storage_dtype"):
         Scheme("w4", bits=4, group_size=0, symmetric=True, storage_dtype="u8")
-    with pytest.raises(LLMOptError, match="not a multiple"):
-        SCHEMES["w4g128"].quantize(np.zeros((2, 64), np.float32))
+    with pytest.raises(LLMOptError, match="0 input features"):
+        SCHEMES["w4g128"].groups(0)
+    assert not SCHEMES["w4g128"].supports(0) and SCHEMES["w4g128"].supports(64)  # 64 < 128: one short group
     assert isinstance(SCHEMES["w8"].quantize(np.ones((2, 3), np.float32)), QuantizedWeight)
 
 
