@@ -1,8 +1,9 @@
 """GPTQ on SmolLM2-135M: at w4g128 and at w3g128 it closes at least half of the perplexity gap
 between round-to-nearest and float32 (artifact perplexity on Persuasion, float32 measured here too).
 
-SmolLM2's hidden size 576 is not a multiple of 128, so at g128 only the ``down_proj`` linears
-(1536 inputs) are quantized; the others stay float in all three builds alike.
+Every linear is quantized except the LM head (the default rules); SmolLM2's hidden size 576 is not
+a multiple of 128, so rows of 576 inputs end in a short group of 64. Measured (2026-12-01): fp32
+43.180; w4g128 RTN 63.257, GPTQ 48.899 (72% of the gap closed); w3g128 RTN 574.297, GPTQ 75.170 (94%).
 """
 
 from pathlib import Path
