@@ -42,11 +42,11 @@ def cli():
 
 
 def _build_options(target, arch, pipeline, disable_pass, dump_dir, verify, quant=None, quant_rules=None,
-                   calibration=(), bits_budget=None):
+                   calibration=(), bits_budget=None, prune=None):
     from .compiler import BuildOptions
     return BuildOptions(target=target, arch=arch, pipeline=pipeline, disabled_passes=tuple(disable_pass),
                         dump_dir=dump_dir, verify=verify, quant=quant, quant_rules=quant_rules,
-                        calibration=tuple(calibration), bits_budget=bits_budget)
+                        calibration=tuple(calibration), bits_budget=bits_budget, prune=prune)
 
 
 def _key_values(items, option: str) -> tuple[tuple[str, str], ...]:
@@ -85,8 +85,11 @@ _disable_option = click.option("--disable-pass", multiple=True, metavar="NAME", 
 @click.option("--bits-budget", type=float, default=None, metavar="BITS",
               help="Measure each linear's sensitivity on calibration text and give each its own scheme, at most "
                    "BITS bits/weight on average (LM head float, not counted); --quant picks the method.")
+@click.option("--prune", default=None, metavar="METHOD:LEVEL",
+              help="Prune linear weights (lm_head kept) before any quantization: METHOD magnitude, wanda or "
+                   "sparsegpt; LEVEL a sparsity (0.5) or N:M (2:4). wanda/sparsegpt calibrate with --calib.")
 def build(model, target, arch, out, pipeline, disable_pass, dump_dir, verify, force, quant, quant_rules,
-          calibration, bits_budget):
+          calibration, bits_budget, prune):
     """Compile MODEL (an HF folder, a .gguf file, or 'smollm2') into an artifact directory.
 
     \b
@@ -95,12 +98,13 @@ def build(model, target, arch, out, pipeline, disable_pass, dump_dir, verify, fo
       llmopt build smollm2 --quant w8 -o out/smollm2-w8
       llmopt build smollm2 --quant gptq:w4g128 --calib samples=64 -o out/smollm2-gptq
       llmopt build smollm2 --bits-budget 4.5 -o out/smollm2-mixed
+      llmopt build smollm2 --prune wanda:0.5 --quant w8 -o out/smollm2-wanda-w8
     """
     import torch  # noqa: F401  (torch before tvm: tvm_ffi's torch hooks want it first)
     from .compiler import build as build_artifact
     console = _console()
     options = _build_options(target, arch, pipeline, disable_pass, dump_dir, verify, quant, quant_rules,
-                             _key_values(calibration, "--calib"), bits_budget)
+                             _key_values(calibration, "--calib"), bits_budget, prune)
     with console.status("building") as status:
         manifest = build_artifact(model, out, options, force, report=lambda line: (status.update(line),
                                                                                     console.log(line)))

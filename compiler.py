@@ -29,6 +29,7 @@ class BuildOptions:
     quant_rules: str | None = None  # per-layer schemes, "pattern=scheme;..." (None: the pass's default)
     calibration: tuple[tuple[str, str], ...] = ()  # (option, value) for calibrated methods: text, samples, ...
     bits_budget: float | None = None  # plan per-layer schemes for this average bits/weight (quantize-mixed)
+    prune: str | None = None  # "METHOD:LEVEL" (magnitude:0.5, wanda:0.5, sparsegpt:2:4): prune, then quantize
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -56,6 +57,9 @@ def optimize(module: Module, options: BuildOptions, report: BuildReport | None =
     instruments = (([DumpIR(options.dump_dir)] if options.dump_dir else []) + checks
                    + debug_instruments())  # LLMOPT_DEBUG levels; last, so a dump is on disk before Verify stops
     passes = build_pipeline(options.pipeline)
+    if options.prune:  # placed where quantization goes, so a quantization pass added below comes after it
+        from .passes.prune import pruning_pass
+        passes = with_quantization(passes, pruning_pass(options.prune, options.calibration))
     if options.quant or options.bits_budget is not None:
         quant_pass = quantization_pass(options.quant or "w4g128", options.quant_rules, options.calibration)
         if options.bits_budget is not None:  # measured and planned on the graph quant_pass would see
@@ -170,6 +174,10 @@ def build(model, out: str | Path, options: BuildOptions = BuildOptions(), force:
         raise LLMOptError(f"the model has no tokenizer.json (looked for {tokenizer_file}).",
                           "Put the Hugging Face tokenizer.json next to config.json.")
     module = step("optimize", lambda: optimize(module, options, build_report))
+    for name, stats in build_report.pass_stats:
+        if "calibration_peak_mib" in stats:
+            report(f"{name}: calibration held at most {stats['calibration_peak_mib']} MiB (activations and the "
+                   f"weights in use); process peak RSS {stats['calibration_rss_mib']} MiB")
     library = step("compile", lambda: compile_module(module, spec, options.arch))
     fields = _manifest_fields(module, options, library, spec, build_report)
     return step("write", lambda: write_artifact(out, executable=library.executable,

@@ -20,6 +20,7 @@ from .dce import DeadCodeElimination
 from .fold_constants import FoldConstants
 from .fuse_linears import FuseLinears
 from .instruments import Instrument
+from .prune import PruneMagnitude, PruneSparseGPT, PruneWanda
 from .quant.awq import QuantizeAWQ
 from .quant.gptq import QuantizeGPTQ
 from .quant.kv_cache import QuantizeKVCache
@@ -30,6 +31,7 @@ PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (
     DeadCodeElimination, CommonSubexpressionElimination, FoldConstants, FuseLinears, QuantizeRTN, QuantizeGPTQ,
     QuantizeKVCache, QuantizeAWQ)}
 PASSES[SmoothQuant.name] = SmoothQuant
+PASSES.update({cls.name: cls for cls in (PruneMagnitude, PruneWanda, PruneSparseGPT)})
 
 PIPELINES: dict[str, list[str]] = {
     "default": ["fuse-linears", "fold-constants", "cse", "dce"],
