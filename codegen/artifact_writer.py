@@ -8,6 +8,7 @@ sees a half-written artifact at that path. On any error the temporary directory 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 from collections.abc import Iterable
@@ -15,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import save_file
 
 from .. import __version__
 from ..runtime.errors import ArtifactError
 from ..runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, WeightInfo, sha256_file
+from ..runtime.safetensors_reader import DTYPES
 
 DEFAULT_LIBRARY = "model.so"
 DEFAULT_TOKENIZER = "tokenizer.json"
@@ -46,8 +47,8 @@ def write_artifact(
     `executable` is anything with `export_library(path)` (a Relax executable); it is exported
     under `manifest_fields["library"]` (default `model.so`). `weights` yields (IR name, array)
     pairs lazily, in the order the library takes them; they are written to safetensors shards of
-    at most `max_shard_bytes` (a larger single tensor gets a shard of its own), holding at most
-    one shard in memory. `manifest_fields` gives every manifest field except the computed ones
+    at most `max_shard_bytes` (a larger single tensor gets a shard of its own) as they come, so
+    that at most a few MiB besides the current array are held (`_Shard`). `manifest_fields` gives every manifest field except the computed ones
     (format_version, llmopt_version, weights, files); `tokenizer.file` defaults to
     `tokenizer.json`. An existing `out_dir` is an error unless `overwrite`, in which case it is
     replaced only once the new artifact is complete.
@@ -109,39 +110,121 @@ def _check_fields(manifest_fields: dict[str, Any]) -> dict[str, Any]:
 def _write_shards(
     root: Path, weights: Iterable[tuple[str, np.ndarray]], max_shard_bytes: int
 ) -> list[WeightInfo]:
-    """Write weights shard by shard; return their manifest entries in the order produced."""
+    """Write weights shard by shard, each array as it comes; return their manifest entries in the
+    order produced."""
     (root / WEIGHTS_DIR).mkdir()
-    shards: list[list[tuple[str, tuple[int, ...], str]]] = []
-    pending: dict[str, np.ndarray] = {}
-    pending_bytes = 0
-
-    def flush() -> None:
-        save_file(pending, str(root / WEIGHTS_DIR / f"shard-{len(shards)}.partial"))
-        shards.append([(n, tuple(a.shape), str(a.dtype)) for n, a in pending.items()])
-        pending.clear()
-
+    shards: list[_Shard] = []
     seen: set[str] = set()
     for name, array in weights:
         if name in seen:
             raise ValueError(f"weight {name!r} was produced twice")
         seen.add(name)
         array = np.ascontiguousarray(array)
-        if pending and pending_bytes + array.nbytes > max_shard_bytes:
-            flush()
-            pending_bytes = 0
-        pending[name] = array
-        pending_bytes += array.nbytes
-    if pending:
-        flush()
+        if not shards or not shards[-1].fits(name, array, max_shard_bytes):
+            if shards:
+                shards[-1].close()
+            shards.append(_Shard(root / WEIGHTS_DIR / f"shard-{len(shards)}.partial"))
+        shards[-1].add(name, array)
+        del array  # written (or buffered): drop it before the next weight is made
+    if shards:
+        shards[-1].close()
 
     infos = []
-    file_mode = root.stat().st_mode & 0o666  # what the umask allows; safetensors writes 0600
-    for i, entries in enumerate(shards):
+    file_mode = root.stat().st_mode & 0o666  # what the umask allows (as for the other files)
+    for i, shard in enumerate(shards):
         rel = f"{WEIGHTS_DIR}/weights-{i:05d}-of-{len(shards):05d}.safetensors"
-        os.rename(root / WEIGHTS_DIR / f"shard-{i}.partial", root / rel)
+        os.rename(shard.path, root / rel)
         os.chmod(root / rel, file_mode)
-        infos += [WeightInfo(name, shape, dtype, rel) for name, shape, dtype in entries]
+        infos += [WeightInfo(name, tuple(entry["shape"]), _NUMPY_DTYPES[entry["dtype"]], rel)
+                  for name, entry in shard.header.items()]
     return infos
+
+
+# numpy dtype name <-> safetensors dtype (the runtime reads them back with the same table)
+_SAFETENSORS_DTYPES = {np.dtype(t).name: code for code, t in DTYPES.items()}
+_NUMPY_DTYPES = {code: name for name, code in _SAFETENSORS_DTYPES.items()}
+
+
+class _Shard:
+    """One safetensors file, written tensor by tensor.
+
+    Tensors are buffered until STREAM_AFTER bytes; a shard that stays smaller is written at
+    `close` with an exact header. Past that, the file is opened with HEADER_RESERVE bytes kept
+    for the header, the buffer and every later tensor are appended as they come (and freed by the
+    caller), and `close` writes the header into the reserved space, padded with spaces (which the
+    safetensors format allows). So at most STREAM_AFTER bytes plus one tensor are held.
+    """
+
+    STREAM_AFTER = 16 << 20
+    HEADER_RESERVE = 64 << 10
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.header: dict[str, dict] = {}
+        self.buffered: list[np.ndarray] = []
+        self.data_bytes = 0
+        self.file = None
+        self.reserved = 0
+
+    def _entry(self, array: np.ndarray) -> dict:
+        dtype = _SAFETENSORS_DTYPES.get(array.dtype.name)
+        if dtype is None:
+            raise ValueError(f"weights of dtype {array.dtype} cannot be stored (known: {sorted(_SAFETENSORS_DTYPES)})")
+        return {"dtype": dtype, "shape": list(array.shape),
+                "data_offsets": [self.data_bytes, self.data_bytes + array.nbytes]}
+
+    def fits(self, name: str, array: np.ndarray, max_bytes: int) -> bool:
+        """Whether `array` may join this shard (an empty shard takes any one tensor)."""
+        if not self.header:
+            return True
+        if self.data_bytes + array.nbytes > max_bytes:
+            return False
+        return self.file is None or len(self._header_json({name: self._entry(array)})) <= self.reserved
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        self.header[name] = self._entry(array)
+        self.data_bytes += array.nbytes
+        if self.file is not None:
+            _write_array(self.file, array)
+            return
+        self.buffered.append(array)
+        if self.data_bytes >= self.STREAM_AFTER:
+            self.reserved = max(self.HEADER_RESERVE, _round8(len(self._header_json()) * 2))
+            self.file = open(self.path, "wb")
+            self.file.write(b"\0" * (8 + self.reserved))
+            for buffered in self.buffered:
+                _write_array(self.file, buffered)
+            self.buffered.clear()
+
+    def _header_json(self, extra: dict | None = None) -> bytes:
+        return json.dumps({**self.header, **(extra or {})}, separators=(",", ":")).encode()
+
+    def close(self) -> None:
+        header = self._header_json()
+        if self.file is None:
+            header += b" " * (_round8(len(header)) - len(header))  # the data starts 8-byte aligned
+            with open(self.path, "wb") as f:
+                f.write(len(header).to_bytes(8, "little") + header)
+                for array in self.buffered:
+                    _write_array(f, array)
+            self.buffered.clear()
+        else:
+            assert len(header) <= self.reserved, "fits() keeps the header within its reserved space"
+            self.file.seek(0)
+            self.file.write(self.reserved.to_bytes(8, "little") + header + b" " * (self.reserved - len(header)))
+            self.file.close()
+            self.file = None
+
+
+def _round8(n: int) -> int:
+    return -(-n // 8) * 8
+
+
+def _write_array(f, array: np.ndarray) -> None:
+    """Append `array`'s bytes, little-endian, without copying a native little-endian array."""
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    f.write(memoryview(np.ascontiguousarray(array)).cast("B"))
 
 
 def _hash_tree(root: Path) -> dict[str, str]:

@@ -1,7 +1,8 @@
 """Hugging Face folders (config.json + safetensors, sharded or not) of the Llama family.
 
 The config is read into a ``DecoderSpec`` through a table of architectures (data, not code per
-model); weights stay in their files and are read lazily, one tensor at a time.
+model); weights stay in their files and are read lazily, one tensor at a time, straight into f32
+(fp16 and bf16 widened a chunk at a time), so that holding one costs its f32 size only.
 """
 
 from __future__ import annotations
@@ -157,9 +158,54 @@ def _is_tensor_entry(entry) -> bool:
             and entry["data_offsets"][0] <= entry["data_offsets"][1])
 
 
-def _loader(path: Path, key: str):
+READ_CHUNK_VALUES = 1 << 22  # values read (and widened) at a time
+
+
+def _widen(raw: np.ndarray) -> np.ndarray:
+    """f32 values of fp16 values, or of bf16 values read as their uint16 bits (both exact)."""
+    if raw.dtype == np.uint16:
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(np.float32)
+
+
+_STORED = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # read with plain reads; BF16 as its bits
+
+
+def _read_f32(path: Path, key: str, info: dict) -> np.ndarray:
+    """Tensor ``key`` (F32, F16 or BF16) as f32, read with plain file reads: F32 straight into the
+    result, F16 and BF16 a chunk at a time. The file is not mapped, so only the f32 result (and one
+    chunk) counts in the resident memory."""
+    stored = np.dtype(_STORED[info["dtype"]])
+    begin, end = info["data_offsets"]
+    out = np.empty(info["shape"], np.float32)
+    flat = out.reshape(-1)
+    if end - begin != flat.size * stored.itemsize:
+        raise ModelInputError(f"{path}: weight {key!r} holds {end - begin} bytes, but {info['dtype']}"
+                              f"{info['shape']} needs {flat.size * stored.itemsize}.",
+                              "Download or copy the file again.")
+
+    def read_into(array: np.ndarray) -> None:
+        if f.readinto(memoryview(array).cast("B")) != array.nbytes:
+            raise ModelInputError(f"{path}: weight {key!r} is cut short.", "Download or copy the file again.")
+
+    with path.open("rb") as f:
+        f.seek(8 + int.from_bytes(f.read(8), "little") + begin)
+        if stored == np.float32:
+            read_into(flat)
+            return out
+        buffer = np.empty(max(1, min(flat.size, READ_CHUNK_VALUES)), stored)
+        for start in range(0, flat.size, len(buffer)):
+            raw = buffer[:min(len(buffer), flat.size - start)]
+            read_into(raw)
+            flat[start:start + len(raw)] = _widen(raw)
+    return out
+
+
+def _loader(path: Path, key: str, info: dict):
     def load() -> np.ndarray:
-        from safetensors import safe_open
+        if info["dtype"] in _STORED:
+            return _read_f32(path, key, info)
+        from safetensors import safe_open  # other dtypes (F64, ...): through torch
         with safe_open(str(path), framework="pt") as f:
             return f.get_tensor(key).float().numpy()
     return load
@@ -167,22 +213,23 @@ def _loader(path: Path, key: str):
 
 def load_weights(folder: Path, spec: DecoderSpec) -> WeightStore:
     """A lazy store over the folder's safetensors, checked against what ``spec`` needs."""
-    located: dict[str, tuple[Path, list[int]]] = {}
+    located: dict[str, tuple[Path, dict]] = {}
     for path in _safetensors_files(folder):
         for key, info in _read_header(path).items():
             if key != "__metadata__":
-                located[key] = (path, info["shape"])
+                located[key] = (path, info)
     store = WeightStore()
     for name, shape in expected_weights(spec).items():
         if name not in located:
             raise ModelInputError(f"{folder}: the weight {name!r} is missing from the safetensors files.",
                                   "The checkpoint does not match its config.json (wrong architecture or "
                                   "layer count?).")
-        path, found = located[name]
+        path, info = located[name]
+        found = info["shape"]
         if tuple(found) != shape:
             raise ModelInputError(f"{path}: weight {name!r} has shape {found}, config.json implies {list(shape)}.",
                                   "The checkpoint does not match its config.json.")
-        store.add(name, TensorType("f32", shape), _loader(path, name), origin=f"{path.name}:{name}")
+        store.add(name, TensorType("f32", shape), _loader(path, name, info), origin=f"{path.name}:{name}")
     return store
 
 

@@ -85,10 +85,11 @@ class PackedWeightLayout:
     def pack(self, w: np.ndarray) -> np.ndarray:
         """Pack a PyTorch-layout weight ``[N, K]``."""
         n, k = w.shape
-        nblocks = -(-n // self.block)
-        padded = np.zeros((nblocks * self.block, k), dtype=w.dtype)
-        padded[:n] = w
-        return np.ascontiguousarray(padded.reshape(nblocks, self.block, k).transpose(0, 2, 1))
+        packed = np.zeros(self.packed_shape(n, k), dtype=w.dtype)
+        for i, start in enumerate(range(0, n, self.block)):  # block by block: no padded copy of w
+            rows = w[start:start + self.block]
+            packed[i, :, :len(rows)] = rows.T
+        return packed
 
     def unpack(self, w_packed: np.ndarray, n: int) -> np.ndarray:
         """Inverse of :meth:`pack`: the ``[n, K]`` weight."""
