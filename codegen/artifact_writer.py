@@ -3,6 +3,10 @@
 Everything is written into a hidden sibling `.<name>.tmp-<pid>`, hashed, described by
 `manifest.json` (written last), fsynced, and then renamed to the output path, so a reader never
 sees a half-written artifact at that path. On any error the temporary directory is removed.
+A build killed outright (SIGKILL, power loss) cannot clean up; the next build to the same path
+does: it removes the temporary siblings of builds whose process is gone, and puts back a previous
+artifact that a killed overwrite had already moved aside (`.<name>.old-<pid>`) when nothing took
+its place.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ def write_artifact(
         raise _exists_error(out)
     fields = _check_fields(manifest_fields)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _clean_up_after_killed_builds(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     _remove(tmp)  # left over by a crashed run that had the same pid
     try:
@@ -272,6 +277,30 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     else:
         os.rename(tmp, out)
     _fsync_dir(out.parent)
+
+
+def _process_is_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def _clean_up_after_killed_builds(out: Path) -> None:
+    """Remove ``.<name>.tmp-<pid>`` siblings of ``out`` whose build process no longer exists, and
+    restore (or, when ``out`` exists again, remove) ``.<name>.old-<pid>`` ones."""
+    for kind in ("old", "tmp"):  # old first: a restored artifact must not be cleaned as a leftover
+        for path in sorted(out.parent.glob(f".{out.name}.{kind}-*")):
+            pid = path.name.rsplit("-", 1)[1]
+            if not pid.isdigit() or not _process_is_gone(int(pid)):
+                continue
+            if kind == "old" and not os.path.lexists(out):
+                os.rename(path, out)
+            else:
+                _remove(path)
 
 
 def _remove(path: Path) -> None:

@@ -8,6 +8,7 @@ despite the leftovers.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -69,8 +70,27 @@ def test_killed_builds_leave_nothing_half_written(tiny_model, tmp_path):
         if point == "temp dir created":
             assert not out.exists() and _temp_dirs(out), "the kill should have landed mid-write"
     assert _temp_dirs(out)  # leftovers of the killed builds...
-    build(tiny_model, out, BuildOptions())  # ...do not stop the next build to the same path
+    build(tiny_model, out, BuildOptions(), force=True)  # ...do not stop the next build to the same path
     load(out)
+    assert not _temp_dirs(out)  # which removed them: their processes are gone
+
+
+def test_a_previous_artifact_moved_aside_by_a_killed_overwrite_is_put_back(tiny_artifact, tmp_path):
+    """A kill between moving the old artifact aside and renaming the new one into place leaves
+    ``.out.old-<pid>`` and no ``out``: the next build puts the old one back before it starts, and
+    leaves a live process's leftovers alone."""
+    from llmopt.codegen.artifact_writer import _clean_up_after_killed_builds
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    out = tmp_path / "out"
+    shutil.copytree(tiny_artifact, tmp_path / f".out.old-{dead}")
+    (tmp_path / f".out.tmp-{dead}").mkdir()
+    live = tmp_path / f".out.tmp-{os.getpid()}"
+    live.mkdir()
+    _clean_up_after_killed_builds(out)
+    load(out)
+    assert verify(out).files == verify(tiny_artifact).files
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", live.name])
 
 
 def test_killed_rebuild_keeps_the_previous_artifact(tiny_model, tiny_artifact, tmp_path):
