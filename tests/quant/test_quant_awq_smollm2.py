@@ -3,7 +3,9 @@ least half of the perplexity gap between round-to-nearest and fp32 on Persuasion
 
 Every variant is built into an artifact (``llmopt.compiler.build``) and scored with
 ``runtime.perplexity`` on the same windows; fp32 is re-measured here. AWQ calibrates on Pride and
-Prejudice (the default calibration text)."""
+Prejudice (the default calibration text). Every linear but the LM head is quantized (rows of 576
+inputs end in a short group of 64). Measured (2026-12-01): fp32 45.160; w4g128 RTN 68.248, AWQ
+51.683 (72% of the gap closed); w3g128 RTN 624.794, AWQ 99.926 (91%)."""
 
 from pathlib import Path
 
