@@ -14,11 +14,13 @@ Each is compiled in a Relax module through the CPU target's pipeline and run wit
 ``relax.VirtualMachine``; times are the median over ``--rounds`` blocks of calls. Rates: weight
 bytes read per second (GEMV; compared with a measured single-stream read bandwidth, numpy's sum of
 a 512 MiB array), GFLOP/s (GEMM), and tokens per second as if the model were this one linear
-(GEMV: calls per second; GEMM: rows per second). Each thread count runs in a
-child process with ``TVM_NUM_THREADS`` set before TVM starts. Writes
-``bench/results/cpu_quant_linear.{json,md}``.
+(GEMV: calls per second; GEMM: rows per second). By default the weights of a shape stay
+cache-resident between calls (L2 holds most of them); ``--cold`` makes each GEMV call read another
+copy of its weights (320 MiB of copies), so they stream from memory as in a whole model. Each
+thread count runs in a child process with ``TVM_NUM_THREADS`` set before TVM starts. Writes
+``bench/results/cpu_quant_linear[_cold].{json,md}``.
 
-    python bench/bench_quant_linear.py [--scheme w4g64] [--threads 1] [--rounds 9]
+    python bench/bench_quant_linear.py [--scheme w4g64] [--threads 1] [--rounds 9] [--cold]
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ ROWS = [1, 128]
 VARIANTS = ("fused", "f32", "unfused")
 BLOCK_SECONDS = 0.1
 RESULTS = Path(__file__).resolve().parent / "results" / "cpu_quant_linear"
+COLD_BYTES = 320 << 20  # weight copies cycled through per GEMV with --cold
 
 
 def _build(variant: str, scheme, n: int, k: int, m: int, target):
@@ -134,8 +137,10 @@ def _read_bandwidth(rounds: int) -> float:
     return a.nbytes / 1e9 / _median_seconds(a.sum, rounds)
 
 
-def _child(threads: int, scheme_name: str, rounds: int) -> None:
-    """Measure every (shape, rows, variant) with ``threads`` threads; one JSON line per result."""
+def _child(threads: int, scheme_name: str, rounds: int, cold: bool) -> None:
+    """Measure every (shape, rows, variant) with ``threads`` threads; one JSON line per result.
+    ``cold``: each call reads another copy of the weights, ``COLD_BYTES`` of copies in all, so
+    GEMV weights stream from memory as in a model (otherwise they sit in L2 after the first call)."""
     import numpy as np
     import tvm
     from tvm import relax
@@ -154,13 +159,21 @@ def _child(threads: int, scheme_name: str, rounds: int) -> None:
             for variant in VARIANTS:
                 vm = relax.VirtualMachine(_build(variant, scheme, n, k, m, target), tvm.cpu())
                 arrays = _weights(variant, scheme, w)
-                args = [tvm.runtime.tensor(a) for a in [x, *arrays]]
-                got = vm["main"](*args).numpy()
+                weight_bytes = sum(a.nbytes for a in arrays)
+                copies = max(1, COLD_BYTES // weight_bytes) if cold and m == 1 else 1
+                tx = tvm.runtime.tensor(x)
+                sets = [[tvm.runtime.tensor(a) for a in arrays] for _ in range(copies)]
+                got = vm["main"](tx, *sets[0]).numpy()
                 want = _reference(variant, scheme, w, x)
                 assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), (variant, n, k, m)
-                seconds = _median_seconds(lambda: vm["main"](*args), rounds)
+
+                def calls(main=vm["main"], sets=sets, tx=tx):
+                    for weights in sets:
+                        main(tx, *weights)
+
+                seconds = _median_seconds(calls, rounds) / copies
                 print(json.dumps({"n": n, "k": k, "m": m, "variant": variant, "threads": threads,
-                                  "seconds": seconds, "weight_bytes": sum(a.nbytes for a in arrays)}), flush=True)
+                                  "seconds": seconds, "weight_bytes": weight_bytes, "copies": copies}), flush=True)
 
 
 def _row(r: dict, bandwidth: float) -> str:
@@ -179,19 +192,23 @@ def main() -> None:
     parser.add_argument("--scheme", default="w4g64", help="an integer scheme (default: w4g64, which divides K=576)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1])
     parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--cold", action="store_true",
+                        help="GEMV: cycle through 320 MiB of weight copies, so weights come from memory")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        _child(args.threads[0], args.scheme, args.rounds)
+        _child(args.threads[0], args.scheme, args.rounds, args.cold)
         return
-    results, lines = [], [f"scheme {args.scheme}; load average before: {os.getloadavg()[0]:.2f}", "",
-                          "|      N |     K |    M | thr | variant  |       ms | weight MiB | rate |",
-                          "|---|---|---|---|---|---|---|---|"]
+    mode = "cold (GEMV weights streamed from memory)" if args.cold else "hot (weights cache-resident after a call)"
+    results = []
+    lines = [f"scheme {args.scheme}, {mode}; load average before: {os.getloadavg()[0]:.2f}", "",
+             "|      N |     K |    M | thr | variant  |       ms | weight MiB | rate |",
+             "|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     for threads in args.threads:
         env = dict(os.environ, TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
         cmd = [sys.executable, __file__, "--child", "--threads", str(threads), "--scheme", args.scheme,
-               "--rounds", str(args.rounds)]
+               "--rounds", str(args.rounds)] + (["--cold"] if args.cold else [])
         bandwidth = None
         with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True) as proc:
             for line in proc.stdout:
@@ -205,10 +222,13 @@ def main() -> None:
                 print(lines[-1], flush=True)
         if proc.returncode:
             sys.exit(proc.returncode)
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.with_suffix(".json").write_text(json.dumps({"scheme": args.scheme, "results": results}, indent=2) + "\n")
-    RESULTS.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {RESULTS}.json and .md")
+    lines.append(f"\nload average after: {os.getloadavg()[0]:.2f}")
+    out = RESULTS.with_name(RESULTS.name + ("_cold" if args.cold else ""))
+    out.parent.mkdir(exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"scheme": args.scheme, "cold": args.cold, "results": results},
+                                                   indent=2) + "\n")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}.json and .md")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ state)`` in the shape ``llmopt.runtime.speed.time_generation`` times, running on
 threads. The peers are optional: ``available()`` names the ones installed, with their inputs:
 
 - onnxruntime-genai (its model builder's int4 model, MatMulNBits): ``build_ortgenai_int4`` runs
-  ``onnxruntime_genai.models.builder`` on the Hugging Face folder (block size 32, lm_head int4);
+  ``onnxruntime_genai.models.builder`` on the Hugging Face folder (block size 32, symmetric,
+  lm_head int4; the builder also needs ``pip install onnx_ir``);
 - llama.cpp through ``llama-cpp-python`` (built from source by pip; its AMX matmul segfaults in
   this VM, so build it with ``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON
   -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF ..."``): ``quantize_gguf`` re-quantizes the GGUF that ships with
