@@ -30,6 +30,7 @@ class BuildOptions:
     calibration: tuple[tuple[str, str], ...] = ()  # (option, value) for calibrated methods: text, samples, ...
     bits_budget: float | None = None  # plan per-layer schemes for this average bits/weight (quantize-mixed)
     prune: str | None = None  # "METHOD:LEVEL" (magnitude:0.5, wanda:0.5, sparsegpt:2:4): prune, then quantize
+    lowrank: str | None = None  # "METHOD:RATIO[:ALLOCATION]" (svd:0.2, asvd:0.2): factorize, then quantize
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -60,6 +61,9 @@ def optimize(module: Module, options: BuildOptions, report: BuildReport | None =
     if options.prune:  # placed where quantization goes, so a quantization pass added below comes after it
         from .passes.prune import pruning_pass
         passes = with_quantization(passes, pruning_pass(options.prune, options.calibration))
+    if options.lowrank:  # likewise, after any pruning
+        from .passes.lowrank import lowrank_pass
+        passes = with_quantization(passes, lowrank_pass(options.lowrank, options.calibration))
     if options.quant or options.bits_budget is not None:
         quant_pass = quantization_pass(options.quant or "w4g128", options.quant_rules, options.calibration)
         if options.bits_budget is not None:  # measured and planned on the graph quant_pass would see
@@ -146,14 +150,16 @@ def _manifest_fields(module: Module, options: BuildOptions, library, spec, repor
 def build(model, out: str | Path, options: BuildOptions = BuildOptions(), force: bool = False,
           report: Callable[[str], None] = lambda line: None):
     """Build ``model`` into the artifact directory ``out``; returns its Manifest."""
-    from .codegen.artifact_writer import write_artifact
+    from .codegen.artifact_writer import check_output_path, write_artifact
     from .codegen.build import compile_module
-    from .targets import get_target
+    from .targets import check_arch, get_target
 
     spec = get_target(options.target)  # unknown targets fail before any work
     out = Path(out)
     if out.exists() and not force:
         raise LLMOptError(f"output {out} already exists.", "Pass --force to replace it, or choose another -o.")
+    check_output_path(out)  # a file in the way or a folder not writable: before any work
+    check_arch(spec, options.arch)  # likewise an --arch the target does not know
     build_report = BuildReport()
 
     def step(name: str, fn):

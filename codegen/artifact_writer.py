@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
+from ..errors import LLMOptError
 from ..runtime.errors import ArtifactError
 from ..runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, WeightInfo, sha256_file
 from ..runtime.safetensors_reader import DTYPES
@@ -61,12 +62,13 @@ def write_artifact(
     if os.path.lexists(out) and not overwrite:
         raise _exists_error(out)
     fields = _check_fields(manifest_fields)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_output_path(out)
+    _make_dir(out.parent, out, parents=True)
     _clean_up_after_killed_builds(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     _remove(tmp)  # left over by a crashed run that had the same pid
     try:
-        tmp.mkdir()
+        _make_dir(tmp, out)
         executable.export_library(str(tmp / fields["library"]))
         infos = _write_shards(tmp, weights, max_shard_bytes)
         shutil.copyfile(tokenizer_json_path, tmp / fields["tokenizer"]["file"])
@@ -88,6 +90,30 @@ def write_artifact(
         _remove(tmp)
         raise
     return manifest
+
+
+def check_output_path(out: str | Path) -> None:
+    """An ``LLMOptError`` naming ``out`` unless an artifact can be written there: its nearest
+    existing ancestor must be a folder this process may write in. Cheap, so a build checks it
+    before any work (the writer checks again, and turns a failing mkdir into the same error)."""
+    out = Path(out).absolute()
+    ancestor = out.parent
+    while not os.path.lexists(ancestor):
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise LLMOptError(f"output {out} cannot be written: {ancestor} is a file, not a folder.",
+                          "Choose another -o, in a folder.")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise LLMOptError(f"output {out} cannot be written: no permission to write in {ancestor}.",
+                          "Choose another -o, in a folder you can write to.")
+
+
+def _make_dir(path: Path, out: Path, parents: bool = False) -> None:
+    try:
+        path.mkdir(parents=parents, exist_ok=parents)
+    except OSError as err:  # a file in the way, a read-only file system, no permission, no space
+        raise LLMOptError(f"output {out} cannot be written: creating {path} failed ({err.strerror}).",
+                          "Choose another -o, in a folder you can write to.") from None
 
 
 def _exists_error(out: Path) -> ArtifactError:

@@ -1,7 +1,8 @@
 """GGUF files (llama.cpp's format) of the Llama family, read with the ``gguf`` library.
 
 Metadata becomes a ``DecoderSpec`` through a table of keys; tensors get their Hugging Face names
-through one name table and are dequantized to float32 lazily, one tensor per ``WeightStore.get``.
+through one name table and are dequantized to float32 lazily, one tensor per ``WeightStore.get``
+(a tensor holding NaN or Inf is refused then, ``finite.check_finite``).
 Two things llama.cpp's converter did to the tensors are undone here:
 
 - shapes are stored innermost dimension first (ggml's ``ne`` order): the Hugging Face shape is the
@@ -31,6 +32,7 @@ from ..ir.rope import inv_freq, rope_attrs_inv_freq
 from ..ir.types import TensorType
 from ..ir.weights import WeightStore
 from .decoder import DecoderSpec, build_module, expected_weights
+from .finite import check_finite
 from .zoo import cache_root, write_atomically
 
 K = gguf.Keys
@@ -80,6 +82,7 @@ TENSOR_NAMES = {  # GGUF name -> Hugging Face name; both take the same ".weight"
 }
 ROPE_PERMUTED_HEADS = {"blk.{i}.attn_q": "num_heads", "blk.{i}.attn_k": "num_kv_heads"}  # tensor -> its head count
 ROPE_FREQS = "rope_freqs.weight"  # Llama 3's RoPE scaling, as per-frequency divisors
+INTEGER_TYPES = {gguf.GGMLQuantizationType[name] for name in ("I8", "I16", "I32", "I64")}  # never a weight's type
 
 
 def open_gguf(path: Path) -> gguf.GGUFReader:
@@ -219,6 +222,7 @@ def _loader(tensor, shape: tuple[int, ...], heads: int | None, path: Path):
             raise ModelInputError(f"{path}: tensor {tensor.name!r} is stored as {tensor.tensor_type.name}, which the "
                                   "gguf library cannot dequantize.", "Use a file with another quantization.") from None
         values = np.asarray(values, dtype=np.float32).reshape(shape)
+        check_finite(values, path, tensor.name)  # indices as stored, before the RoPE rows are put back
         return np.ascontiguousarray(_undo_rope_permutation(values, heads) if heads else values)
     return load
 
@@ -235,6 +239,9 @@ def load_weights(tensors: dict, spec: DecoderSpec, arch: str, path: Path) -> Wei
         if _hf_shape(tensor) != shape:
             raise ModelInputError(f"{path}: tensor {gguf_name!r} has shape {list(_hf_shape(tensor))}, the metadata "
                                   f"implies {list(shape)}.", REEXPORT_HINT)
+        if tensor.tensor_type in INTEGER_TYPES:
+            raise ModelInputError(f"{path}: tensor {gguf_name!r} is stored as {tensor.tensor_type.name}, an integer "
+                                  "type, not as float or quantized weights.", REEXPORT_HINT)
         heads = None
         if ARCHITECTURES[arch].rope_permuted and template in ROPE_PERMUTED_HEADS:
             heads = getattr(spec, ROPE_PERMUTED_HEADS[template])

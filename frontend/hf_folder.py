@@ -2,7 +2,9 @@
 
 The config is read into a ``DecoderSpec`` through a table of architectures (data, not code per
 model); weights stay in their files and are read lazily, one tensor at a time, straight into f32
-(fp16 and bf16 widened a chunk at a time), so that holding one costs its f32 size only.
+(fp16 and bf16 widened a chunk at a time), so that holding one costs its f32 size only. A weight
+that is not stored as a float type is refused when the headers are read; one that holds NaN or Inf,
+when it is read (``finite.check_finite``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from ..ir.graph import Module
 from ..ir.types import TensorType
 from ..ir.weights import WeightStore
 from .decoder import DecoderSpec, build_module, expected_weights
+from .finite import check_finite
 
 
 @dataclass(frozen=True)
@@ -201,13 +204,19 @@ def _read_f32(path: Path, key: str, info: dict) -> np.ndarray:
     return out
 
 
+FLOAT_DTYPES = (*_STORED, "F64")  # what a weight may be stored as; F64 is read through torch
+
+
 def _loader(path: Path, key: str, info: dict):
     def load() -> np.ndarray:
         if info["dtype"] in _STORED:
-            return _read_f32(path, key, info)
-        from safetensors import safe_open  # other dtypes (F64, ...): through torch
-        with safe_open(str(path), framework="pt") as f:
-            return f.get_tensor(key).float().numpy()
+            values = _read_f32(path, key, info)
+        else:
+            from safetensors import safe_open  # F64: through torch
+            with safe_open(str(path), framework="pt") as f:
+                values = f.get_tensor(key).float().numpy()
+        check_finite(values, path, key)
+        return values
     return load
 
 
@@ -229,6 +238,11 @@ def load_weights(folder: Path, spec: DecoderSpec) -> WeightStore:
         if tuple(found) != shape:
             raise ModelInputError(f"{path}: weight {name!r} has shape {found}, config.json implies {list(shape)}.",
                                   "The checkpoint does not match its config.json.")
+        if info["dtype"] not in FLOAT_DTYPES:
+            raise ModelInputError(f"{path}: weight {name!r} is stored as {info['dtype']}, not as a float type "
+                                  f"({', '.join(FLOAT_DTYPES)}).",
+                                  "The file is damaged, or holds a quantized checkpoint, which llmopt does not "
+                                  "read: give the float model (and quantize with --quant).")
         store.add(name, TensorType("f32", shape), _loader(path, name, info), origin=f"{path.name}:{name}")
     return store
 

@@ -31,6 +31,8 @@ class TargetSpec:
     # () -> layout (pack, packed_shape, description) of linear weights and of fused quantized parts
     linear_weight_layout: Callable[[], Any] | None = None
     archs: tuple[str, ...] = field(default_factory=tuple)  # accepted --arch values (empty: free form)
+    # free-form archs: (arch) -> None if the target knows it, else a hint naming what it accepts
+    check_free_arch: Callable[[str], str | None] | None = None
 
 
 class UnknownTargetError(LLMOptError):
@@ -38,6 +40,12 @@ class UnknownTargetError(LLMOptError):
 
 
 def check_arch(spec: TargetSpec, arch: str | None) -> None:
-    if arch is not None and spec.archs and arch not in spec.archs:
+    """UnknownTargetError unless ``arch`` (None: the default) is one ``spec`` accepts."""
+    if arch is None:
+        return
+    if spec.archs and arch not in spec.archs:
         raise UnknownTargetError(f"target {spec.name}: unknown --arch {arch!r}.",
                                  f"Known archs: {', '.join(spec.archs)}.")
+    hint = spec.check_free_arch(arch) if not spec.archs and spec.check_free_arch else None
+    if hint:
+        raise UnknownTargetError(f"target {spec.name}: unknown --arch {arch!r}.", hint)

@@ -18,6 +18,16 @@ def cpu_target(arch: str | None) -> dict:
     return {"kind": "llvm", "mcpu": arch or host_cpu_name(), "num-cores": os.cpu_count() or 1}
 
 
+def check_cpu_arch(arch: str) -> str | None:
+    """None if LLVM knows ``arch`` as a CPU of this machine's kind (LLVM itself would only warn and
+    compile for a generic CPU), else a hint."""
+    import tvm.target.codegen
+    if tvm.target.codegen.llvm_is_valid_cpu(arch, str(tvm.target.codegen.llvm_get_system_triple())):
+        return None
+    return (f"--arch takes an LLVM CPU name of this machine's kind, e.g. {host_cpu_name()} (this machine's CPU, "
+            "the default when --arch is left out).")
+
+
 def _emit_linear(bb, x, w, bias, out_features=None):
     import tvm
 
@@ -69,4 +79,5 @@ TARGET = TargetSpec(
     quant_linear_supports=_quant_linear_supports,
     schedule_rules=_schedule_rules,
     linear_weight_layout=_linear_weight_layout,
+    check_free_arch=check_cpu_arch,
 )

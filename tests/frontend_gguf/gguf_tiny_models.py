@@ -61,8 +61,9 @@ def llama_cpp_rope_freqs(rope: dict, head_dim: int) -> np.ndarray:
 
 
 def write_gguf(model, path: Path, arch: str, *, drop: tuple[str, ...] = (), drop_keys: tuple[str, ...] = (),
-               rope: dict | None = None) -> Path:
-    """``model`` as llama.cpp would write it (all tensors F32), minus the tensors/keys in ``drop``/``drop_keys``."""
+               rope: dict | None = None, vocabulary: bool = False) -> Path:
+    """``model`` as llama.cpp would write it (all tensors F32), minus the tensors/keys in ``drop``/``drop_keys``;
+    with ``vocabulary``, a byte-level BPE vocabulary ``t0 t1 ...`` (no merges), enough to build a tokenizer."""
     cfg = model.config
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = cfg.hidden_size // heads
@@ -95,6 +96,13 @@ def write_gguf(model, path: Path, arch: str, *, drop: tuple[str, ...] = (), drop
             data = llama_cpp_permute(data, heads, kv_heads)
         if gguf_name not in drop:
             writer.add_tensor(gguf_name, np.ascontiguousarray(data))
+    if vocabulary:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
+        writer.add_token_merges([])
+        writer.add_token_scores([0.0] * cfg.vocab_size)
+        writer.add_token_types([1] * cfg.vocab_size)  # 1: normal
+        writer.add_eos_token_id(2)
     if rope is not None and rope.get("rope_type") == "llama3":
         writer.add_tensor("rope_freqs.weight", llama_cpp_rope_freqs(rope, head_dim))
     writer.write_header_to_file()

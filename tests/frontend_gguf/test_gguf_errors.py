@@ -1,8 +1,10 @@
 """Bad GGUF inputs are ModelInputErrors that name the file and what is wrong with it."""
 
 import gguf
+import numpy as np
 import pytest
-from gguf_tiny_models import tiny_model, write_gguf
+import torch
+from gguf_tiny_models import llama_cpp_permute, tiny_model, write_gguf
 
 from llmopt.errors import ModelInputError
 from llmopt.frontend.gguf_file import load_gguf
@@ -65,3 +67,40 @@ def test_gguf_tensor_shape_disagreeing_with_metadata(tmp_path):
     model.config.intermediate_size = 80  # metadata now says 80, the tensors hold 96
     path = write_gguf(model, tmp_path / "tiny.gguf", "llama")
     assert "tensor 'blk.0.ffn_gate.weight' has shape [96, 64], the metadata implies [80, 64]" in _error(path)
+
+
+def _weight_error(path, name: str) -> str:
+    """The error of reading weight ``name`` (a Hugging Face name) of the GGUF at ``path``."""
+    store = load_gguf(path).weights
+    with pytest.raises(ModelInputError) as info:
+        store.get(name)
+    assert str(path) in str(info.value)
+    return str(info.value)
+
+
+def test_gguf_tensor_with_nan_and_inf(tmp_path):
+    """Named by its GGUF name, with the index as stored (llama.cpp's permuted Q rows, before llmopt undoes that)."""
+    model = tiny_model("llama")
+    heads = model.config.num_attention_heads
+    with torch.no_grad():
+        weight = model.model.layers[1].self_attn.q_proj.weight
+        weight[9, 4] = float("inf")
+        weight[40, 0] = float("nan")
+    stored = llama_cpp_permute(weight.detach().numpy(), heads, heads)
+    first = [int(i) for i in np.argwhere(~np.isfinite(stored))[0]]
+    path = write_gguf(model, tmp_path / "tiny.gguf", "llama")
+    err = _weight_error(path, "model.layers.1.self_attn.q_proj.weight")
+    assert f"weight 'blk.1.attn_q.weight' holds 1 NaN and 1 Inf value(s) of 4096 (the first at index {first})" in err
+    assert "The checkpoint is damaged" in err
+    assert load_gguf(path).weights.get("model.layers.1.self_attn.k_proj.weight").shape == (32, 64)  # others read
+
+
+def test_gguf_tensor_stored_as_integers(tmp_path, monkeypatch):
+    add_tensor = gguf.GGUFWriter.add_tensor
+
+    def as_int32(self, name, tensor, *args, **kwargs):
+        return add_tensor(self, name, tensor.astype(np.int32) if name == "blk.0.ffn_up.weight" else tensor,
+                          *args, **kwargs)
+    monkeypatch.setattr(gguf.GGUFWriter, "add_tensor", as_int32)
+    path = write_gguf(tiny_model("llama"), tmp_path / "tiny.gguf", "llama")
+    assert "tensor 'blk.0.ffn_up.weight' is stored as I32, an integer type" in _error(path)
