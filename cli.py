@@ -42,11 +42,11 @@ def cli():
 
 
 def _build_options(target, arch, pipeline, disable_pass, dump_dir, verify, quant=None, quant_rules=None,
-                   calibration=(), bits_budget=None, prune=None):
+                   calibration=(), bits_budget=None, prune=None, lowrank=None):
     from .compiler import BuildOptions
     return BuildOptions(target=target, arch=arch, pipeline=pipeline, disabled_passes=tuple(disable_pass),
                         dump_dir=dump_dir, verify=verify, quant=quant, quant_rules=quant_rules,
-                        calibration=tuple(calibration), bits_budget=bits_budget, prune=prune)
+                        calibration=tuple(calibration), bits_budget=bits_budget, prune=prune, lowrank=lowrank)
 
 
 def _key_values(items, option: str) -> tuple[tuple[str, str], ...]:
@@ -88,8 +88,12 @@ _disable_option = click.option("--disable-pass", multiple=True, metavar="NAME", 
 @click.option("--prune", default=None, metavar="METHOD:LEVEL",
               help="Prune linear weights (lm_head kept) before any quantization: METHOD magnitude, wanda or "
                    "sparsegpt; LEVEL a sparsity (0.5) or N:M (2:4). wanda/sparsegpt calibrate with --calib.")
+@click.option("--lowrank", default=None, metavar="METHOD:RATIO[:ALLOCATION]",
+              help="Factorize linear weights into two low-rank linears (lm_head kept) before any quantization, "
+                   "removing RATIO of their parameters: METHOD svd or asvd (activation-aware, calibrates with "
+                   "--calib); ALLOCATION uniform (default) or energy, e.g. asvd:0.2.")
 def build(model, target, arch, out, pipeline, disable_pass, dump_dir, verify, force, quant, quant_rules,
-          calibration, bits_budget, prune):
+          calibration, bits_budget, prune, lowrank):
     """Compile MODEL (an HF folder, a .gguf file, or 'smollm2') into an artifact directory.
 
     \b
@@ -99,12 +103,13 @@ def build(model, target, arch, out, pipeline, disable_pass, dump_dir, verify, fo
       llmopt build smollm2 --quant gptq:w4g128 --calib samples=64 -o out/smollm2-gptq
       llmopt build smollm2 --bits-budget 4.5 -o out/smollm2-mixed
       llmopt build smollm2 --prune wanda:0.5 --quant w8 -o out/smollm2-wanda-w8
+      llmopt build smollm2 --lowrank asvd:0.2 --quant w8 -o out/smollm2-asvd-w8
     """
     import torch  # noqa: F401  (torch before tvm: tvm_ffi's torch hooks want it first)
     from .compiler import build as build_artifact
     console = _console()
     options = _build_options(target, arch, pipeline, disable_pass, dump_dir, verify, quant, quant_rules,
-                             _key_values(calibration, "--calib"), bits_budget, prune)
+                             _key_values(calibration, "--calib"), bits_budget, prune, lowrank)
     with console.status("building") as status:
         manifest = build_artifact(model, out, options, force, report=lambda line: (status.update(line),
                                                                                     console.log(line)))

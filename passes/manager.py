@@ -20,6 +20,7 @@ from .dce import DeadCodeElimination
 from .fold_constants import FoldConstants
 from .fuse_linears import FuseLinears
 from .instruments import Instrument
+from .lowrank import LowRankASVD, LowRankSVD
 from .prune import PruneMagnitude, PruneSparseGPT, PruneWanda
 from .quant.awq import QuantizeAWQ
 from .quant.gptq import QuantizeGPTQ
@@ -32,6 +33,7 @@ PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (
     QuantizeKVCache, QuantizeAWQ)}
 PASSES[SmoothQuant.name] = SmoothQuant
 PASSES.update({cls.name: cls for cls in (PruneMagnitude, PruneWanda, PruneSparseGPT)})
+PASSES.update({cls.name: cls for cls in (LowRankSVD, LowRankASVD)})
 
 PIPELINES: dict[str, list[str]] = {
     "default": ["fuse-linears", "fold-constants", "cse", "dce"],
