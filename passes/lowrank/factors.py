@@ -9,7 +9,8 @@ so ``x @ W.T ~ (x @ B.T) @ A.T`` costs ``r * (N + K)`` weights instead of ``N * 
   layer's outputs is the truncated SVD of ``W L`` mapped back by ``L^-1``. ``W L = U S V^T``,
   ``A = U_r S_r``, ``B = V_r^T L^-1``; the output error is ``sqrt(n * sum of the dropped s_i^2)``.
 
-Computed in float64 with torch's LAPACK on one thread (``one_thread``), returned as float32. Rank arithmetic: ``break_even_rank`` (the largest rank that still saves weights) and
+Computed in float64 with torch's LAPACK on one thread (``one_thread``), returned as float32. Rank
+arithmetic: ``break_even_rank`` (the largest rank that still saves weights) and
 ``uniform_rank`` (the rank that removes a given fraction of a weight's parameters).
 """
 
@@ -107,6 +108,6 @@ def whitened_svd(w: np.ndarray, lower: np.ndarray, rank: int) -> tuple[np.ndarra
     u, s, vh = _svd(np.asarray(w, np.float64) @ lower)
     # B^T = L^-T V_r: solve L^T B^T = V_r (upper triangular)
     with one_thread():
-        b_t = torch.linalg.solve_triangular(torch.from_numpy(lower).T, torch.from_numpy(np.ascontiguousarray(vh[:rank].T)),
-                                            upper=True).numpy()
+        v_r = torch.from_numpy(np.ascontiguousarray(vh[:rank].T))
+        b_t = torch.linalg.solve_triangular(torch.from_numpy(lower).T, v_r, upper=True).numpy()
     return (u[:, :rank] * s[:rank]).astype(np.float32), np.ascontiguousarray(b_t.T, np.float32)

@@ -46,7 +46,8 @@ from .allocation import ALLOCATIONS, Target, energy_ranks, uniform_ranks
 from .factorize import factorize_linears
 from .factors import saves, singular_values, truncated_svd
 
-RULES_HINT = "Write rules like 'lm_head=skip;down_proj=0.3' (a fraction of parameters to remove, or skip), split by ';'."
+RULES_HINT = ("Write rules like 'lm_head=skip;down_proj=0.3' (a fraction of parameters to remove, or skip), "
+              "split by ';'.")
 
 
 @dataclass(frozen=True)
@@ -114,8 +115,10 @@ class LowRank(Pass):
         """Rewrite ``module``, factorizing the targets whose rank saves weights, with ``produce``."""
         kept = {t.name: ranks[t.name] for t in targets if saves(t.n, t.k, ranks[t.name])}
         rules = self.layer_rules()
-        result = factorize_linears(module, self.name, self.method, kept, produce,
-                                   lambda linear, weight: rules.level_for(linear.source, weight.attr["name"]) is not None)
+        def chosen(linear: Node, weight: Node) -> bool:
+            return rules.level_for(linear.source, weight.attr["name"]) is not None
+
+        result = factorize_linears(module, self.name, self.method, kept, produce, chosen)
         before = sum(t.params for t in targets)
         after = sum(kept[t.name] * (t.n + t.k) if t.name in kept else t.params for t in targets)
         return PassResult(result.module, {**result.stats, "kept_dense": len(targets) - len(kept),

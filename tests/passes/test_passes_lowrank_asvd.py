@@ -12,7 +12,8 @@ from llmopt.ir import Module, run_module, verify_module
 from llmopt.ir.weights import WeightStore
 from llmopt.passes import PassManager, build_pipeline, rebuild
 from llmopt.passes.lowrank import (LowRankASVD, LowRankSVD, Target, break_even_rank, energy_ranks, saves,
-                                   second_moment, truncated_svd, uniform_ranks, whitened_singular_values, whitened_svd, whitening)
+                                   second_moment, truncated_svd, uniform_ranks, whitened_singular_values,
+                                   whitened_svd, whitening)
 from prune_data import CALIBRATION, FEED, K, TOKENS, WEIGHT, output_error
 
 X = np.concatenate(CALIBRATION).reshape(-1, K).astype(np.float64)  # the calibration inputs, one token a row

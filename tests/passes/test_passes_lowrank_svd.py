@@ -61,8 +61,8 @@ def test_a_layer_whose_factors_would_not_save_weights_stays_dense(tiny_llama):
     assert result.stats["kept_dense"] == 4 and result.stats["weights_factorized"] == 10
     readers = {n.inputs[1]: n for n in result.module.functions["prefill"].nodes if n.op == "linear"}
     weights = [n for n in result.module.functions["prefill"].nodes if n.op == "weight"]
-    assert {n.attr["name"] for n in weights if "k_proj" in n.attr["name"]} == {f"model.layers.{i}.self_attn.k_proj.weight"
-                                                                           for i in range(2)}
+    k_proj = {n.attr["name"] for n in weights if "k_proj" in n.attr["name"]}
+    assert k_proj == {f"model.layers.{i}.self_attn.k_proj.weight" for i in range(2)}
     assert all(readers[n.name].op == "linear" for n in weights if "k_proj" in n.attr["name"])
 
 
@@ -84,7 +84,8 @@ def test_pass_on_tiny_llama_matches_torch_with_the_factor_product(tiny_llama, ra
         np.testing.assert_allclose(a.astype(np.float64) @ b, (u[:, :rank] * s[:rank]) @ vh[:rank], atol=2e-5)
         before, after = before + n * k, after + rank * (n + k)
     assert (stats["params_before"], stats["params_after"]) == (before, after)
-    assert ratio <= 1 - after / before < ratio + 0.04 and stats["reduction"] == pytest.approx(1 - after / before, abs=1e-6)
+    assert ratio <= 1 - after / before < ratio + 0.04
+    assert stats["reduction"] == pytest.approx(1 - after / before, abs=1e-6)
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
     state = hf.state_dict()
@@ -107,7 +108,8 @@ def test_pass_on_tiny_llama_matches_torch_with_the_factor_product(tiny_llama, ra
             assert first.op == "linear" and nodes[first.inputs[1]].attr["name"] == node.attr["name"][:-2] + ".b"
             for new in (node, second, first, nodes[first.inputs[1]]):  # provenance: the pass, the replaced linear
                 assert new.created_by == "lowrank-svd" and new.source == second.source != ""
-    assert [n.attr["name"] for n in func.nodes if n.op == "weight" and "lm_head" in n.attr["name"]] == ["lm_head.weight"]
+    heads = [n.attr["name"] for n in func.nodes if n.op == "weight" and "lm_head" in n.attr["name"]]
+    assert heads == ["lm_head.weight"]
 
 
 def test_rules_give_layers_their_own_ratio_or_keep_them_dense(tiny_llama):
@@ -131,7 +133,8 @@ def test_pipeline_spec_and_lowrank_option_put_factorization_before_quantization(
     assert {"lowrank-svd", "lowrank-asvd"} <= set(PASSES)
     [spec_pass] = build_pipeline("lowrank-asvd{ratio=0.3,allocation=energy,samples=8,damp=0.001}")
     assert spec_pass == LowRankASVD(ratio=0.3, allocation="energy", samples=8, damp=0.001)
-    assert lowrank_pass("asvd:0.2:energy", (("samples", "8"),)) == LowRankASVD(ratio=0.2, allocation="energy", samples=8)
+    want = LowRankASVD(ratio=0.2, allocation="energy", samples=8)
+    assert lowrank_pass("asvd:0.2:energy", (("samples", "8"),)) == want
     assert lowrank_pass("svd:0.25", (("samples", "8"),)) == LowRankSVD(ratio=0.25)
     for bad in ("svd", "pca:0.2", "svd:x", "svd:1.2", "asvd:0.2:greedy"):
         with pytest.raises(LLMOptError):
