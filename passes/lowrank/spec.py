@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from ...errors import LLMOptError
-from ..prune.spec import CALIBRATION_OPTIONS
+from ..prune.spec import calibration_options
 from .allocation import ALLOCATIONS
 from .asvd import LowRankASVD
 from .frame import CalibratedLowRank, LowRank
@@ -28,12 +28,5 @@ def lowrank_pass(spec: str, calibration: tuple[tuple[str, str], ...] = ()) -> Lo
     cls = LOWRANK_METHODS[method]
     options = {"ratio": ratio, "allocation": allocation or "uniform"}
     if issubclass(cls, CalibratedLowRank):
-        for key, value in calibration:
-            if key not in CALIBRATION_OPTIONS:
-                raise LLMOptError(f"unknown calibration option {key!r}.", f"Known: {', '.join(CALIBRATION_OPTIONS)}.")
-            try:
-                options[key] = CALIBRATION_OPTIONS[key](value)
-            except ValueError:
-                raise LLMOptError(f"calibration option {key}={value!r} is not a valid "
-                                  f"{CALIBRATION_OPTIONS[key].__name__}.", "Fix the --calib value.") from None
+        options.update(calibration_options(calibration))
     return cls(**options)

@@ -15,6 +15,21 @@ PRUNE_METHODS: dict[str, type[Pruning]] = {"magnitude": PruneMagnitude, "wanda":
 CALIBRATION_OPTIONS = {"calibration": str, "samples": int, "seq_len": int, "seed": int}
 
 
+def calibration_options(calibration: tuple[tuple[str, str], ...]) -> dict:
+    """Pass options from ``--calib`` (option, value) pairs, typed; an unknown or ill-typed one is a
+    user error."""
+    options = {}
+    for key, value in calibration:
+        if key not in CALIBRATION_OPTIONS:
+            raise LLMOptError(f"unknown calibration option {key!r}.", f"Known: {', '.join(CALIBRATION_OPTIONS)}.")
+        try:
+            options[key] = CALIBRATION_OPTIONS[key](value)
+        except ValueError:
+            raise LLMOptError(f"calibration option {key}={value!r} is not a valid "
+                              f"{CALIBRATION_OPTIONS[key].__name__}.", "Fix the --calib value.") from None
+    return options
+
+
 def pruning_pass(spec: str, calibration: tuple[tuple[str, str], ...] = ()) -> Pruning:
     """The pass of ``spec`` (``METHOD:LEVEL``), with ``calibration`` (option, value) pairs for the
     calibrated methods (ignored by ``magnitude``)."""
@@ -27,12 +42,5 @@ def pruning_pass(spec: str, calibration: tuple[tuple[str, str], ...] = ()) -> Pr
     cls = PRUNE_METHODS[method]
     options = {"nm": str(level)} if level.is_nm else {"sparsity": level.sparsity}
     if issubclass(cls, CalibratedPruning):
-        for key, value in calibration:
-            if key not in CALIBRATION_OPTIONS:
-                raise LLMOptError(f"unknown calibration option {key!r}.", f"Known: {', '.join(CALIBRATION_OPTIONS)}.")
-            try:
-                options[key] = CALIBRATION_OPTIONS[key](value)
-            except ValueError:
-                raise LLMOptError(f"calibration option {key}={value!r} is not a valid "
-                                  f"{CALIBRATION_OPTIONS[key].__name__}.", "Fix the --calib value.") from None
+        options.update(calibration_options(calibration))
     return cls(**options)
