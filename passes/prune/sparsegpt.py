@@ -37,30 +37,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...errors import LLMOptError
-from ..quant.gptq import DAMP_RETRIES, MIN_RETRY_DAMP, hessian
+from ..quant.gptq import hessian, inverse_cholesky
 from .frame import CalibratedPruning
 from .levels import Level
 from .masks import drop_lowest, nm_mask
-
-
-def inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
-    """Upper Cholesky factor ``U`` of ``(h + damp * mean(diag h) * I)^-1`` (``U^T U``), float64, with
-    ``quant/gptq.py``'s retries (``damp`` grows tenfold while the matrix is not positive definite).
-
-    Computed as ``J L^-1 J``, ``L`` the lower Cholesky factor of ``J H J`` (``J`` reverses the order):
-    ``H^-1 = J L^-T L^-1 J = (J L^-1 J)^T (J L^-1 J)`` and ``J L^-1 J`` is upper triangular. One
-    factorization and one triangular solve: half the time of inverting ``H`` and factoring again."""
-    import torch
-    h = torch.from_numpy(h).flip(0, 1)
-    eye = torch.eye(len(h), dtype=h.dtype)
-    mean_diagonal = float(h.diagonal().mean())
-    for retry in range(DAMP_RETRIES + 1):
-        fraction = damp if retry == 0 else max(damp, MIN_RETRY_DAMP) * 10 ** retry
-        lower, info = torch.linalg.cholesky_ex(h + fraction * mean_diagonal * eye)
-        if info == 0:
-            return torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1).numpy()
-    raise LLMOptError(f"SparseGPT: the inputs' Hessian is not positive definite even with damp={fraction:.3g}.",
-                      "Calibrate on more or longer samples, or raise the pass option damp.")
 
 
 def sparsegpt(w: np.ndarray, h: np.ndarray, level: Level, block_size: int = 128, damp: float = 0.01) -> np.ndarray:

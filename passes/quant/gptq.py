@@ -73,21 +73,20 @@ def inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
     When that matrix is not positive definite (too few calibration tokens for ``K``, ``damp=0``),
     ``damp`` grows tenfold (from at least ``MIN_RETRY_DAMP``) up to ``DAMP_RETRIES`` times.
 
-    With torch's LAPACK, and ``H^-1`` as ``L^-T L^-1`` from a triangular solve: numpy's Cholesky and
-    LAPACK's ``potri`` slow down tenfold when the cores are shared."""
+    Computed as ``J L^-1 J``, ``L`` the lower Cholesky factor of ``J H J`` (``J`` reverses the order):
+    ``H^-1 = J L^-T L^-1 J = (J L^-1 J)^T (J L^-1 J)`` and ``J L^-1 J`` is upper triangular. One
+    factorization and one triangular solve, with torch's LAPACK (numpy's Cholesky and LAPACK's
+    ``potri`` slow down tenfold when the cores are shared). Shared by GPTQ and SparseGPT."""
     import torch
-    h = torch.from_numpy(h)
+    h = torch.from_numpy(h).flip(0, 1)
     eye = torch.eye(len(h), dtype=h.dtype)
     mean_diagonal = float(h.diagonal().mean())
     for retry in range(DAMP_RETRIES + 1):
         fraction = damp if retry == 0 else max(damp, MIN_RETRY_DAMP) * 10 ** retry
         lower, info = torch.linalg.cholesky_ex(h + fraction * mean_diagonal * eye)
         if info == 0:
-            inverse_lower = torch.linalg.solve_triangular(lower, eye, upper=False)
-            upper, info = torch.linalg.cholesky_ex(inverse_lower.T @ inverse_lower, upper=True)
-            if info == 0:
-                return upper.numpy()
-    raise LLMOptError(f"GPTQ: the inputs' Hessian is not positive definite even with damp={fraction:.3g}.",
+            return torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1).numpy()
+    raise LLMOptError(f"the inputs' Hessian is not positive definite even with damp={fraction:.3g}.",
                       "Calibrate on more or longer samples, or raise the pass option damp.")
 
 
