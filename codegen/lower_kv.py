@@ -1,13 +1,18 @@
-"""Lowerings of the int8-rows ops (``row_scale_i8``, ``quantize_rows_i8``, ``dequantize_rows_i8``):
-the int8 KV cache of ``quantize-kv-cache``, as small TE computes.
+"""Lowerings of the KV-cache ops.
 
-They match the numpy semantics in ``ir/ops.py`` exactly: the scale is ``max |x| / 127`` (1 for a zero
+``kv_write`` writes the new rows into the cache buffer in place (``call_tir_inplace``: the decode
+step costs one row, not a copy of the cache). The int8-rows ops (``row_scale_i8``,
+``quantize_rows_i8``, ``dequantize_rows_i8``) of ``quantize-kv-cache`` are small TE computes that
+match the numpy semantics in ``ir/ops.py`` exactly: the scale is ``max |x| / 127`` (1 for a zero
 row) and codes round half to even (``nearbyint``; Relax's ``round`` rounds half away from zero).
 """
 
 from __future__ import annotations
 
-from tvm import te, tirx
+from functools import cache
+
+from tvm import relax, te, tirx
+from tvm.script import tirx as T
 
 from ..ir.ops import I8_MAX
 from .lower_ops import lowers
@@ -48,3 +53,50 @@ def _quantize_rows_i8(ctx, node, args):
 @lowers("dequantize_rows_i8")
 def _dequantize_rows_i8(ctx, node, args):
     return ctx.bb.emit_te(_dequantize_rows_te, *args, primfunc_name_hint="dequantize_rows_i8")
+
+
+@cache  # one kernel per row shape, asked for by every layer
+def make_kv_write(row_shape: tuple[int, ...], dtype: str) -> tirx.PrimFunc:
+    """``cache[0, pos[0] + j, ...] = new[0, j, ...]``, in place on ``cache`` [1, capacity, *row_shape]."""
+    if len(row_shape) == 2:
+        heads, dim = row_shape
+
+        @T.prim_func(private=True, s_tir=True)
+        def kv_write(var_cache: T.handle, var_new: T.handle, var_pos: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            capacity, s = T.int64(), T.int64()
+            cache = T.match_buffer(var_cache, (1, capacity, heads, dim), dtype)
+            new = T.match_buffer(var_new, (1, s, heads, dim), dtype)
+            pos = T.match_buffer(var_pos, (s,), "int32")
+            for j, h, d in T.grid(s, heads, dim):
+                with T.sblock("kv_write"):
+                    vj, vh, vd = T.axis.remap("SSS", [j, h, d])
+                    cache[0, T.Cast("int64", pos[0]) + vj, vh, vd] = new[0, vj, vh, vd]
+        return kv_write
+    if len(row_shape) == 1:
+        (heads,) = row_shape
+
+        @T.prim_func(private=True, s_tir=True)
+        def kv_write_rows(var_cache: T.handle, var_new: T.handle, var_pos: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            capacity, s = T.int64(), T.int64()
+            cache = T.match_buffer(var_cache, (1, capacity, heads), dtype)
+            new = T.match_buffer(var_new, (1, s, heads), dtype)
+            pos = T.match_buffer(var_pos, (s,), "int32")
+            for j, h in T.grid(s, heads):
+                with T.sblock("kv_write"):
+                    vj, vh = T.axis.remap("SS", [j, h])
+                    cache[0, T.Cast("int64", pos[0]) + vj, vh] = new[0, vj, vh]
+        return kv_write_rows
+    raise NotImplementedError(f"kv_write: caches of rank {len(row_shape) + 2}")
+
+
+@lowers("kv_write")
+def _kv_write(ctx, node, args):
+    type = node.type
+    if type.shape[0] != 1 or not all(isinstance(d, int) for d in type.shape[2:]):
+        raise NotImplementedError(f"kv_write: cache {type} (batch 1 and static rows only)")
+    row_shape = tuple(type.shape[2:])
+    func = make_kv_write(row_shape, str(args[0].ty.dtype))
+    gv = ctx.bb.add_func(func, f"kv_write_{'x'.join(map(str, row_shape))}_{args[0].ty.dtype}")
+    return relax.call_tir_inplace(gv, list(args), inplace_indices=[0], out_ty=args[0].ty)

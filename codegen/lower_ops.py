@@ -31,7 +31,7 @@ class LoweringContext:
     bb: relax.BlockBuilder
     symbols: dict[str, tirx.Var]
     emit_linear: Callable  # (bb, x, w, bias, out_features=None) -> relax.Expr
-    emit_attention: Callable | None  # (bb, q, k, v, heads=, kv_heads=, head_dim=, scale=, causal=); None: Relax ops
+    emit_attention: Callable | None  # (bb, q, k, v, heads=, kv_heads=, head_dim=, scale=, causal=, pos=); None: Relax ops
     types: dict  # IR value name -> TensorType, for lowerings that need their inputs' types
     packed: set = frozenset()  # IR values (weights) held in the target's packed linear layout
     emit_quant_linear: Callable | None = None  # see TargetSpec.emit_quant_linear
@@ -303,14 +303,23 @@ def _causal_mask_te(scores: te.Tensor):
         name="causal_mask")
 
 
+def _position_mask_te(scores: te.Tensor, pos: te.Tensor):
+    """Additive mask for [b, heads, s, t] scores: query i sits at key position pos[i]."""
+    return te.compute(scores.shape, lambda b, h, i, j: tirx.Select(
+        j > pos[i].astype("int64"), scores[b, h, i, j] + tirx.const(-1e30, "float32"), scores[b, h, i, j]),
+        name="position_mask")
+
+
 @lowers("attention")
 def _attention(ctx, node, args):
     bb = ctx.bb
-    q, k, v = args
+    q, k, v = args[:3]
+    pos = args[3] if len(args) == 4 else None
     heads, kv_heads = node.type.shape[2], ctx.types[node.inputs[1]].shape[2]
+    causal = node.attr.get("causal", True)
     if ctx.emit_attention is not None:
         return ctx.emit_attention(bb, q, k, v, heads=heads, kv_heads=kv_heads, head_dim=node.type.shape[3],
-                                  scale=node.attr["scale"], causal=node.attr.get("causal", True))
+                                  scale=node.attr["scale"], causal=causal, pos=pos)
     if heads != kv_heads:
         k = bb.emit(relax.op.repeat(k, heads // kv_heads, axis=2))
         v = bb.emit(relax.op.repeat(v, heads // kv_heads, axis=2))
@@ -318,7 +327,9 @@ def _attention(ctx, node, args):
     kt = bb.emit(relax.op.permute_dims(k, [0, 2, 3, 1]))
     vh = bb.emit(relax.op.permute_dims(v, [0, 2, 1, 3]))
     scores = bb.emit(relax.op.multiply(relax.op.matmul(qh, kt), relax.const(node.attr["scale"], "float32")))
-    if node.attr.get("causal", True):
+    if pos is not None and causal:
+        scores = bb.emit_te(_position_mask_te, scores, pos, primfunc_name_hint="position_mask")
+    elif causal:
         scores = bb.emit_te(_causal_mask_te, scores, primfunc_name_hint="causal_mask")
     probs = bb.emit(relax.op.nn.softmax(scores, axis=-1))
     return relax.op.permute_dims(relax.op.matmul(probs, vh), [0, 2, 1, 3])

@@ -18,7 +18,9 @@ from tvm import tirx as tir
 def _sorted_stores(body: tir.Stmt) -> tir.Stmt | None:
     """``body`` with its stores sorted by heap slot, or None if it is not a shape function's body."""
     stores = list(body.seq) if isinstance(body, tir.SeqStmt) else [body]
-    if not stores or not all(isinstance(s, tir.BufferStore) and len(s.indices) == 1
+    if len(stores) < 2:  # nothing to order
+        return None
+    if not all(isinstance(s, tir.BufferStore) and len(s.indices) == 1
                              and isinstance(s.indices[0], tir.IntImm) for s in stores):
         return None
     heap = stores[0].buffer

@@ -39,6 +39,9 @@ class DecoderSpec:
         return asdict(self)
 
 
+CAPACITY = "capacity"
+"""The symbolic rows of decode's cache buffers (the runtime allocates them, and grows them when full)."""
+
 LAYER = "model.layers.{i}."
 WEIGHT_NAMES = {
     "embed": "model.embed_tokens.weight",
@@ -112,10 +115,13 @@ class _DecoderEmitter:
         with b.at(source=attn):
             q = b.add("rope", q, pos, theta=s.rope_theta, **s.rope_scaling)
             k = b.add("rope", k, pos, theta=s.rope_theta, **s.rope_scaling)
-            if past is not None:
-                k = b.add("concat", past[0], k, axis=1)
-                v = b.add("concat", past[1], v, axis=1)
-            out = b.add("attention", q, k, v, scale=1.0 / math.sqrt(s.head_dim), causal=True)
+            scale = 1.0 / math.sqrt(s.head_dim)
+            if past is None:
+                out = b.add("attention", q, k, v, scale=scale, causal=True)
+            else:  # write the new row into the cache in place, attend up to it
+                k = b.add("kv_write", past[0], k, pos)
+                v = b.add("kv_write", past[1], v, pos)
+                out = b.add("attention", q, k, v, pos, scale=scale, causal=True)
             out = b.add("reshape", out, shape=(1, seq, s.num_heads * s.head_dim))
         return self.linear(out, names["o"], s.o_bias), k, v
 
@@ -134,7 +140,7 @@ class _DecoderEmitter:
         pos = b.param("pos", TensorType("i32", (seq,)))
         past = []
         for i in range(s.num_layers if with_past else 0):
-            cache_type = TensorType("f32", (1, "past", s.num_kv_heads, s.head_dim))
+            cache_type = TensorType("f32", (1, CAPACITY, s.num_kv_heads, s.head_dim))
             past.append((b.param(f"k.{i}", cache_type), b.param(f"v.{i}", cache_type)))
         with b.at(source="model.embed_tokens"):
             h = b.add("embedding", ids, self.weight(WEIGHT_NAMES["embed"]))
@@ -173,9 +179,11 @@ ENTRY_POINTS = {  # name: (takes the KV cache, logits of every position, returns
 def build_module(spec: DecoderSpec, weights: WeightStore, meta: dict | None = None) -> Module:
     """The IR of a decoder: ``prefill(ids, pos)``, ``decode(ids, pos, k.*, v.*)`` and ``logits(ids, pos)``.
 
-    prefill and decode return the next token's ``logits`` f32[1, 1, vocab] and the KV cache
-    (``k.i``/``v.i``: f32[1, tokens so far, kv_heads, head_dim]); decode's cache is the one it
-    was given plus the new token. ``logits`` scores every position (for perplexity) and keeps no cache.
+    prefill returns the next token's ``logits`` f32[1, 1, vocab] and the KV cache (``k.i``/``v.i``:
+    f32[1, tokens, kv_heads, head_dim]). decode takes the cache in buffers of ``capacity`` rows
+    (rows ``0 .. pos - 1`` filled, ``capacity > pos``), writes the new token's row ``pos`` with
+    ``kv_write`` (in place once compiled), attends over rows ``0 .. pos`` and returns the buffers.
+    ``logits`` scores every position (for perplexity) and keeps no cache.
     """
     functions = {name: _DecoderEmitter(spec, weights, Builder(name, created_by="")).emit(*flags)
                  for name, flags in ENTRY_POINTS.items()}

@@ -72,4 +72,15 @@ def run_module(module: Module, entry: str, inputs: dict[str, np.ndarray], **kw) 
     return run(module.functions[entry], inputs, module.weights, **kw)
 
 
-__all__ = ["run", "run_module", "bind_symbols"]
+def cache_buffers(cache: dict[str, np.ndarray], capacity: int) -> dict[str, np.ndarray]:
+    """Decode's cache buffers: each ``[1, rows, ...]`` array zero-padded to ``capacity`` rows (the
+    ``capacity`` of a decoder's decode params; rows past the filled ones are never read)."""
+    def padded(array: np.ndarray) -> np.ndarray:
+        if array.shape[1] > capacity:
+            raise ValueError(f"a cache of {array.shape[1]} rows does not fit {capacity}")
+        return np.concatenate([array, np.zeros((array.shape[0], capacity - array.shape[1], *array.shape[2:]),
+                                               array.dtype)], axis=1)
+    return {name: padded(array) for name, array in cache.items()}
+
+
+__all__ = ["run", "run_module", "bind_symbols", "cache_buffers"]

@@ -364,7 +364,9 @@ register("rope", 2, _infer_rope, _rope_ref, attrs=("theta",), optional_attrs=ROP
 
 
 def _infer_attention(types, attrs):
-    q, k, v = types
+    q, k, v = types[:3]
+    if len(types) == 4 and (types[3].dtype != "i32" or types[3].rank != 1 or types[3].shape[0] != q.shape[1]):
+        raise OpError(f"attention: positions must be i32[{q.shape[1]}] (one per query), got {types[3]}")
     if q.rank != 4 or k.rank != 4 or k != v.with_dtype(k.dtype) or k.shape[3] != q.shape[3]:
         raise OpError(f"attention: expected q [b, s, heads, d], k/v [b, t, kv_heads, d]; got {q}, {k}, {v}")
     heads, kv_heads = q.shape[2], k.shape[2]
@@ -374,22 +376,56 @@ def _infer_attention(types, attrs):
 
 
 def _attention_ref(args, attrs, env):
-    q, k, v = (a.astype(np.float32) for a in args)
+    q, k, v = (a.astype(np.float32) for a in args[:3])
+    s, t = q.shape[1], k.shape[1]
+    if len(args) == 4:  # queries at absolute positions: keys past the last one are never read
+        positions = args[3].astype(np.int64)
+        if positions.min() < 0 or positions.max() >= t:
+            raise OpError(f"attention: positions {positions.min()}..{positions.max()} outside the {t} keys")
+        t = int(positions.max()) + 1
+        k, v = k[:, :t], v[:, :t]
+    else:
+        positions = np.arange(s) + (t - s)
     group = q.shape[2] // k.shape[2]
     k = np.repeat(k, group, axis=2)
     v = np.repeat(v, group, axis=2)
     scores = np.einsum("bshd,bthd->bhst", q, k) * attrs["scale"]
-    s, t = q.shape[1], k.shape[1]
     if attrs.get("causal", True):
-        future = np.arange(t)[None, :] > (np.arange(s)[:, None] + (t - s))
+        future = np.arange(t)[None, :] > positions[:, None]
         scores = scores + np.where(future, np.float32(-1e30), np.float32(0))
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     return np.einsum("bhst,bthd->bshd", probs, v).astype(args[0].dtype)
 
 
-register("attention", 3, _infer_attention, _attention_ref, attrs=("scale",), optional_attrs=("causal",),
-         doc="grouped-query scaled dot-product attention; causal with the queries at the end of keys")
+register("attention", (3, 4), _infer_attention, _attention_ref, attrs=("scale",), optional_attrs=("causal",),
+         doc="grouped-query scaled dot-product attention; causal with the queries at the end of the keys, "
+             "or, given i32 positions pos[s], query i at key position pos[i] (keys past max(pos) unread)")
+
+
+def _infer_kv_write(types, attrs):
+    cache, new, pos = types
+    if cache.rank < 2 or new.rank != cache.rank or new.dtype != cache.dtype \
+            or cache.shape[0] != new.shape[0] or cache.shape[2:] != new.shape[2:]:
+        raise OpError(f"kv_write: expected cache [b, capacity, ...] and rows [b, s, ...] of one dtype, got {cache}, {new}")
+    if pos.dtype != "i32" or pos.rank != 1 or pos.shape[0] != new.shape[1]:
+        raise OpError(f"kv_write: positions must be i32[{new.shape[1]}] (one per row), got {pos}")
+    return cache
+
+
+def _kv_write_ref(args, attrs, env):
+    cache, new, pos = args
+    start, rows = int(pos[0]), new.shape[1]
+    if start < 0 or start + rows > cache.shape[1]:
+        raise OpError(f"kv_write: rows {start}..{start + rows - 1} do not fit a cache of {cache.shape[1]} rows")
+    out = cache.copy()
+    out[:, start:start + rows] = new
+    return out
+
+
+register("kv_write", 3, _infer_kv_write, _kv_write_ref,
+         doc="the cache with rows pos[0] ... pos[0] + s - 1 (axis 1) replaced by the s new rows; "
+             "compiled in place (the cache given is not read again)")
 
 register("weight", 0, None, None, attrs=("name",), doc="an external weight, by name")
 

@@ -105,12 +105,12 @@ def bisect_pipeline(module: Module, passes: Sequence[Pass], inputs: dict[str, np
 def example_inputs(module: Module, entry: str, seq: int = 8, past: int = 4, seed: int = 0) -> dict[str, np.ndarray]:
     """Inputs for a decoder entry: token ids below the vocabulary size, positions counting from
     ``past`` (0 without a cache), other values random normal; symbols ``seq``/``past`` take the
-    given sizes (any other symbol: ``seq``)."""
+    given sizes, a cache's ``capacity`` ``past + seq`` rows (any other symbol: ``seq``)."""
     func = _entry(module, entry)
     rng = np.random.default_rng(seed)
     vocab = int((module.meta.get("decoder") or {}).get("vocab_size", 2))
-    has_past = any(isinstance(d, str) and "past" in d for p in func.params for d in p.type.shape)
-    sizes = {"seq": seq, "past": past}
+    has_past = any(isinstance(d, str) and ("past" in d or "capacity" in d) for p in func.params for d in p.type.shape)
+    sizes = {"seq": seq, "past": past, "capacity": past + seq}
 
     def size(dim) -> int:
         if isinstance(dim, int):

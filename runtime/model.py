@@ -1,12 +1,15 @@
 """Load a compiled artifact and run its `prefill` / `decode` entry points.
 
 Calling convention of the library (see `llmopt.runtime.manifest`):
-`prefill(ids i32[1, n], pos i32[n], *weights) -> (logits f32[1, n, vocab], k_0, v_0, ...)` and
-`decode(ids i32[1, 1], pos i32[1], k_0, v_0, ..., *weights) -> (logits f32[1, 1, vocab], k_0', ...)`
-where each k_i / v_i is [1, length, kv_heads, head_dim] and decode returns the cache extended by
-one row. An int8 cache has per layer the tensors the manifest's `kv_cache.tensors` names (codes
-k_i, f32 scales k_i.scale [1, length, kv_heads], v_i, v_i.scale), in that order; the runtime passes
-them through untouched. Weights are bound once at load, in the manifest's order.
+`prefill(ids i32[1, n], pos i32[n], *weights) -> (logits f32[1, n, vocab], k_0, v_0, ...)` where each
+k_i / v_i is [1, n, kv_heads, head_dim], and
+`decode(ids i32[1, 1], pos i32[1], k_0, v_0, ..., *weights) -> (logits f32[1, 1, vocab], k_0, ...)`
+where each k_i / v_i is a buffer of [1, capacity, kv_heads, head_dim] holding `pos` rows: decode
+writes row `pos` in place and returns the same buffers. The runtime copies prefill's cache into
+zeroed buffers with room to spare and doubles them when full, so a step costs one row, not a copy
+of the cache. An int8 cache has per layer the tensors the manifest's `kv_cache.tensors` names
+(codes k_i, f32 scales k_i.scale [1, rows, kv_heads], v_i, v_i.scale), in that order; the runtime
+treats every cache tensor alike. Weights are bound once at load, in the manifest's order.
 """
 
 from __future__ import annotations
@@ -31,12 +34,17 @@ _ISA_PREFIXES = (
 )
 
 
+MIN_CAPACITY = 256
+"""Rows a cache buffer has at least (a prompt's cache gets room for this many more tokens)."""
+
+
 @dataclass(frozen=True)
 class KVCache:
-    """The functional KV cache: device tensors (k_0, v_0, k_1, v_1, ..., or as the manifest's
-    `kv_cache.tensors` say) holding `length` rows.
+    """The KV cache: device buffers (k_0, v_0, k_1, v_1, ..., or as the manifest's `kv_cache.tensors`
+    say) of `capacity` rows, the first `length` of them filled.
 
-    Immutable: `CompiledModel.decode` returns a new cache one row longer.
+    `CompiledModel.decode` writes the next row into these buffers and returns a cache one row
+    longer: pass each cache to decode once (an older one's rows after its length are overwritten).
     """
 
     tensors: tuple[Any, ...]
@@ -44,6 +52,10 @@ class KVCache:
 
     def __len__(self) -> int:
         return self.length
+
+    @property
+    def capacity(self) -> int:
+        return int(self.tensors[0].shape[1]) if self.tensors else 0
 
 
 class CompiledModel:
@@ -79,7 +91,8 @@ class CompiledModel:
         n = ids.shape[0]
         pos = np.arange(n, dtype=np.int32)
         out = self._prefill(self._tensor(ids.reshape(1, n)), self._tensor(pos), *self._weights)
-        return out[0].numpy()[0, -1], self._cache(out, n)
+        rows = self._cache(out, n)
+        return out[0].numpy()[0, -1], self._buffers(rows.tensors, n, n + MIN_CAPACITY)
 
     def decode(self, token_id: int, cache: KVCache) -> tuple[np.ndarray, KVCache]:
         """Run one token after `cache`: logits [vocab] and the cache one row longer."""
@@ -91,6 +104,8 @@ class CompiledModel:
                 f"{', ...' if len(names) > 4 else ''}): pass a cache returned by this model"
             )
         ids = self._check_ids([token_id])
+        if cache.length >= cache.capacity:  # full: double the buffers
+            cache = self._buffers(cache.tensors, cache.length, 2 * max(cache.capacity, MIN_CAPACITY // 2))
         out = self._decode(
             self._tensor(ids.reshape(1, 1)),
             self._tensor(np.array([cache.length], dtype=np.int32)),
@@ -98,6 +113,17 @@ class CompiledModel:
             *self._weights,
         )
         return out[0].numpy()[0, 0], self._cache(out, cache.length + 1)
+
+    def _buffers(self, tensors: tuple[Any, ...], length: int, capacity: int) -> KVCache:
+        """A cache of zeroed `capacity`-row buffers holding the first `length` rows of `tensors`."""
+        buffers = []
+        for tensor in tensors:
+            shape = (1, capacity, *tensor.shape[2:])
+            buffer = self._tvm.runtime.tensor(np.zeros(shape, dtype=str(tensor.dtype)), self._dev)
+            rows = tensor._create_view((1, length, *tensor.shape[2:])) if tensor.shape[1] != length else tensor
+            rows.copyto(buffer._create_view((1, length, *tensor.shape[2:])))
+            buffers.append(buffer)
+        return KVCache(tuple(buffers), length)
 
     def forward_logits(self, ids: np.ndarray) -> np.ndarray:
         """Logits [n, vocab] for every position of `ids`, from an empty cache (for perplexity)."""

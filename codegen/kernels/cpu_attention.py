@@ -94,12 +94,14 @@ def _nothing(prod):
 
 
 @cache
-def make_decode_attention(heads: int, kv_heads: int, head_dim: int, scale: float) -> tirx.PrimFunc:
+def make_decode_attention(heads: int, kv_heads: int, head_dim: int, scale: float,
+                          positions: bool = False) -> tirx.PrimFunc:
     """The one-query case (decode): keys are read in the cache's own layout, no transpose.
 
     Each score is a dot product over ``head_dim`` (vector multiply, then halving vector adds
     down to one vector, then a short serial sum); the rest is the same online softmax, one key
-    at a time. The single query sees every key, so there is no mask.
+    at a time. The single query sees every key (``positions``: the keys ``0 .. pos[0]`` of a cache
+    buffer with more rows, the later rows never read), so there is no mask.
     """
     group, dim = heads // kv_heads, head_dim
     halvings = []
@@ -148,7 +150,17 @@ def make_decode_attention(heads: int, kv_heads: int, head_dim: int, scale: float
         for h in T.parallel(heads):
             head_attention(q, k, v, o, h, t)
 
-    return decode_attention
+    @T.prim_func(private=True)
+    def decode_attention_at(q: T.Buffer((1, 1, heads, dim), "float32"), var_k: T.handle, var_v: T.handle,
+                            pos: T.Buffer((1,), "int32"), o: T.Buffer((1, 1, heads, dim), "float32")):
+        T.func_attr({"op_pattern": _OPAQUE, "tirx.noalias": True, "tirx.is_scheduled": True})
+        capacity = T.int64()
+        k = T.match_buffer(var_k, (1, capacity, kv_heads, dim), "float32")
+        v = T.match_buffer(var_v, (1, capacity, kv_heads, dim), "float32")
+        for h in T.parallel(heads):
+            head_attention(q, k, v, o, h, T.min(T.Cast("int64", pos[0]) + 1, capacity))
+
+    return decode_attention_at if positions else decode_attention
 
 
 def transpose_keys_te(k: te.Tensor) -> te.Tensor:
@@ -163,12 +175,17 @@ def transpose_keys_te(k: te.Tensor) -> te.Tensor:
 
 
 def emit_attention(bb: relax.BlockBuilder, q, k, v, *, heads: int, kv_heads: int, head_dim: int,
-                   scale: float, causal: bool) -> relax.Expr:
-    """q: [1, s, heads, d]; k, v: [1, t, kv_heads, d] -> [1, s, heads, d]."""
-    if isinstance(q.ty.shape.values[1], tirx.IntImm) and int(q.ty.shape.values[1]) == 1:
-        gv = bb.add_func(make_decode_attention(heads, kv_heads, head_dim, scale),
-                         f"decode_attention_h{heads}_kv{kv_heads}_d{head_dim}")
-        return relax.call_tir(gv, [q, k, v], relax.TensorType(q.ty.shape, "float32"))
+                   scale: float, causal: bool, pos=None) -> relax.Expr:
+    """q: [1, s, heads, d]; k, v: [1, t, kv_heads, d] -> [1, s, heads, d]. ``pos`` (i32[s], decode
+    only): the query's key position, the keys after it unread; None: the queries end the keys."""
+    one_query = isinstance(q.ty.shape.values[1], tirx.IntImm) and int(q.ty.shape.values[1]) == 1
+    if one_query and (pos is None or causal):
+        func = make_decode_attention(heads, kv_heads, head_dim, scale, positions=pos is not None)
+        gv = bb.add_func(func, f"decode_attention_h{heads}_kv{kv_heads}_d{head_dim}{'_at' if pos is not None else ''}")
+        args = [q, k, v] if pos is None else [q, k, v, pos]
+        return relax.call_tir(gv, args, relax.TensorType(q.ty.shape, "float32"))
+    if pos is not None:
+        raise NotImplementedError("cpu attention: positions with more than one query")
     func = make_attention(heads, kv_heads, head_dim, scale, causal)
     gv = bb.add_func(func, f"attention_h{heads}_kv{kv_heads}_d{head_dim}{'_causal' if causal else ''}")
     k_t = bb.emit_te(transpose_keys_te, k, primfunc_name_hint="transpose_keys")

@@ -5,8 +5,8 @@ Option: ``bits`` (only 8 for now).
 Requires: verified IR following the decoder's cache convention (``frontend/decoder.py``):
 ``module.meta["kv_cache"]`` names ``layers`` with an f32 cache; an entry point that stores the cache
 (``prefill``) outputs ``k.i``/``v.i`` f32[1, T, kv_heads, head_dim]; one that extends it
-(``decode``) takes params ``k.i``/``v.i`` f32[1, past, kv_heads, head_dim] and outputs ``k.i``/``v.i``
-= ``concat(param, new, axis=1)``; entry points without a cache (``logits``) are left alone.
+(``decode``) takes cache buffers ``k.i``/``v.i`` f32[1, capacity, kv_heads, head_dim] and outputs
+``k.i``/``v.i`` = ``kv_write(param, new, pos)``; entry points without a cache (``logits``) are left alone.
 
 Guarantees: every cache tensor crossing an entry point becomes two: the codes ``k.i``
 i8[1, T, kv_heads, head_dim] and the scales ``k.i.scale`` f32[1, T, kv_heads] (the same for ``v``),
@@ -14,9 +14,10 @@ each right after the other in params and outputs, so the cache of a layer is ``k
 v.i, v.i.scale`` (``module.meta["kv_cache"]["tensors"]``, with ``dtype`` "i8"). The scale of a row
 is ``row_scale_i8`` (max |x| over head_dim / 127) and its codes ``quantize_rows_i8``
 (round half to even). Only the stored cache is quantized: the tokens an entry point computes
-itself are attended in f32, the past it is given is ``dequantize_rows_i8``-ed before its first
-use (so decode attends over dequantized past + the new token in f32). Decode outputs the past
-codes and scales concatenated with the new token's: past codes are carried, never re-quantized.
+itself are attended in f32. Decode writes the new token's codes and scale into the buffers
+(``kv_write``: past codes are carried, never re-quantized), dequantizes the buffers and writes the
+new token's f32 row over its dequantized one, so it attends over the dequantized past and the new
+token in f32.
 New nodes carry ``created_by="quantize-kv-cache"`` and the ``source`` of the node they follow.
 
 Stats: ``stored`` cache tensors quantized at an output, ``loaded`` cache params dequantized.
@@ -73,10 +74,9 @@ def _check_convention(func: Function, names: set[str], params: set[str], outputs
         _check_cache_type(func, f"output {name}", types[value])
         if params:
             node = nodes.get(value)
-            if node is None or node.op != "concat" or node.attr["axis"] != 1 or len(node.inputs) != 2 \
-                    or node.inputs[0] != name:
+            if node is None or node.op != "kv_write" or node.inputs[0] != name:
                 raise KVCacheConventionError(f"quantize-kv-cache: @{func.name} output {name} is not "
-                                             f"concat(%{name}, new, axis=1).", _HINT)
+                                             f"kv_write(%{name}, new, pos).", _HINT)
 
 
 @dataclass(frozen=True)
@@ -118,12 +118,16 @@ class QuantizeKVCache(Pass):
         stored = {}  # cache output -> (codes, scales)
         for node in func.nodes:
             with b.at(source=node.source):
-                for value in node.inputs:
-                    if value in past and value not in rename:  # dequantize the past right before its first use
-                        rename[value] = b.add("dequantize_rows_i8", *past[value])
+                names = stored_at.get(node.name, ())
+                if names and params:  # decode: write codes and scales, attend over their dequantization
+                    codes, scales = self.write(b, node, rename, past[node.inputs[0]])
+                    dequantized = b.add("dequantize_rows_i8", codes, scales)
+                    rename[node.name] = b.add("kv_write", dequantized, *(rename[i] for i in node.inputs[1:]))
+                    stored.update({name: (codes, scales) for name in names})
+                    continue
                 rename[node.name] = b.copy_node(node, renamed(node, rename))
-                for name in stored_at.get(node.name, ()):
-                    stored[name] = self.store(b, node, rename, past.get(name))
+                for name in names:
+                    stored[name] = self.quantize(b, rename[node.name])
         for name, value in func.outputs:
             if name in stored:
                 b.output(name, stored[name][0])
@@ -133,11 +137,13 @@ class QuantizeKVCache(Pass):
         return b.finish(), Counter(stored=len(stored), loaded=len(past))
 
     @staticmethod
-    def store(b: Builder, node: Node, rename: dict[str, str], past: tuple[str, str] | None) -> tuple[str, str]:
-        """(codes, scales) of the cache ``node`` outputs: all of it, or past + the new rows of a concat."""
-        new = rename[node.inputs[1]] if past else rename[node.name]
-        scales = b.add("row_scale_i8", new)
-        codes = b.add("quantize_rows_i8", new, scales)
-        if past is None:
-            return codes, scales
-        return b.add("concat", past[0], codes, axis=1), b.add("concat", past[1], scales, axis=1)
+    def quantize(b: Builder, value: str) -> tuple[str, str]:
+        """(codes, scales) of the rows of ``value``."""
+        scales = b.add("row_scale_i8", value)
+        return b.add("quantize_rows_i8", value, scales), scales
+
+    def write(self, b: Builder, node: Node, rename: dict[str, str], buffers: tuple[str, str]) -> tuple[str, str]:
+        """The codes and scales buffers with the new rows of ``kv_write`` ``node`` written in."""
+        codes, scales = self.quantize(b, rename[node.inputs[1]])
+        pos = rename[node.inputs[2]]
+        return b.add("kv_write", buffers[0], codes, pos), b.add("kv_write", buffers[1], scales, pos)

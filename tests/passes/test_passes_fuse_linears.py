@@ -7,7 +7,7 @@ import transformers
 
 from llmopt.errors import LLMOptError
 from llmopt.frontend.hf_folder import load_hf_folder
-from llmopt.ir import Module, run_module
+from llmopt.ir import Module, cache_buffers, run_module
 from llmopt.passes import FuseLinears, PassManager, PassResult, Verify, build_pipeline
 from passes_golden import assert_round_trips, check_pass, random_store
 
@@ -211,7 +211,7 @@ def test_default_pipeline_on_tiny_llama_keeps_logits(tiny_llama):
     rng = np.random.default_rng(0)
     prefill = {"ids": rng.integers(0, 100, (1, 6), dtype=np.int32), "pos": np.arange(6, dtype=np.int32)}
     cache = {name: value for name, value in run_module(tiny_llama, "prefill", prefill).items() if name != "logits"}
-    decode = {"ids": np.array([[7]], np.int32), "pos": np.array([6], np.int32), **cache}
+    decode = {"ids": np.array([[7]], np.int32), "pos": np.array([6], np.int32), **cache_buffers(cache, 8)}
     for entry, feed in (("prefill", prefill), ("decode", decode)):
         want = run_module(tiny_llama, entry, feed)
         got = run_module(optimized, entry, feed)

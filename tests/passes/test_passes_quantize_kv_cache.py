@@ -6,7 +6,7 @@ import pytest
 
 from llmopt.errors import LLMOptError
 from llmopt.frontend.hf_folder import load_hf_folder
-from llmopt.ir import parse_module, print_module, run_module, verify_module
+from llmopt.ir import cache_buffers, parse_module, print_module, run_module, verify_module
 from llmopt.ir.ops import OPS, OpError, infer_type
 from llmopt.ir.printer import HEADER
 from llmopt.ir.types import TensorType
@@ -29,7 +29,7 @@ func @prefill(%x: f32[1, seq, 8]) {
   return y=%a, k.0=%kh, v.0=%vh
 }
 
-func @decode(%x: f32[1, 1, 8], %k.0: f32[1, past, 1, 4], %v.0: f32[1, past, 1, 4]) {
+func @decode(%x: f32[1, 1, 8], %pos: i32[1], %k.0: f32[1, capacity, 1, 4], %v.0: f32[1, capacity, 1, 4]) {
   %wk = weight @k.weight : f32[4, 8]
   %wv = weight @v.weight : f32[4, 8]
   %q = reshape(%x) {shape=(1, 1, 2, 4)} : f32[1, 1, 2, 4]
@@ -37,9 +37,9 @@ func @decode(%x: f32[1, 1, 8], %k.0: f32[1, past, 1, 4], %v.0: f32[1, past, 1, 4
   %kh = reshape(%k) {shape=(1, 1, 1, 4)} : f32[1, 1, 1, 4]
   %v = linear(%x, %wv) : f32[1, 1, 4]
   %vh = reshape(%v) {shape=(1, 1, 1, 4)} : f32[1, 1, 1, 4]
-  %kc = concat(%k.0, %kh) {axis=1} : f32[1, past + 1, 1, 4]  # from=attn
-  %vc = concat(%v.0, %vh) {axis=1} : f32[1, past + 1, 1, 4]  # from=attn
-  %a = attention(%q, %kc, %vc) {scale=0.5} : f32[1, 1, 2, 4]
+  %kc = kv_write(%k.0, %kh, %pos) : f32[1, capacity, 1, 4]  # from=attn
+  %vc = kv_write(%v.0, %vh, %pos) : f32[1, capacity, 1, 4]  # from=attn
+  %a = attention(%q, %kc, %vc, %pos) {scale=0.5} : f32[1, 1, 2, 4]
   return y=%a, k.0=%kc, v.0=%vc
 }
 
@@ -68,7 +68,7 @@ func @prefill(%x: f32[1, seq, 8]) {
   return y=%11, k.0=%6, k.0.scale=%5, v.0=%10, v.0.scale=%9
 }
 
-func @decode(%x: f32[1, 1, 8], %k.0: i8[1, past, 1, 4], %k.0.scale: f32[1, past, 1], %v.0: i8[1, past, 1, 4], %v.0.scale: f32[1, past, 1]) {
+func @decode(%x: f32[1, 1, 8], %pos: i32[1], %k.0: i8[1, capacity, 1, 4], %k.0.scale: f32[1, capacity, 1], %v.0: i8[1, capacity, 1, 4], %v.0.scale: f32[1, capacity, 1]) {
   %0 = weight @k.weight : f32[4, 8]
   %1 = weight @v.weight : f32[4, 8]
   %2 = reshape(%x) {shape=(1, 1, 2, 4)} : f32[1, 1, 2, 4]
@@ -76,20 +76,20 @@ func @decode(%x: f32[1, 1, 8], %k.0: i8[1, past, 1, 4], %k.0.scale: f32[1, past,
   %4 = reshape(%3) {shape=(1, 1, 1, 4)} : f32[1, 1, 1, 4]
   %5 = linear(%x, %1) : f32[1, 1, 4]
   %6 = reshape(%5) {shape=(1, 1, 1, 4)} : f32[1, 1, 1, 4]
-  %7 = dequantize_rows_i8(%k.0, %k.0.scale) : f32[1, past, 1, 4]  # from=attn by=quantize-kv-cache
-  %8 = concat(%7, %4) {axis=1} : f32[1, past + 1, 1, 4]  # from=attn
-  %9 = row_scale_i8(%4) : f32[1, 1, 1]  # from=attn by=quantize-kv-cache
-  %10 = quantize_rows_i8(%4, %9) : i8[1, 1, 1, 4]  # from=attn by=quantize-kv-cache
-  %11 = concat(%k.0, %10) {axis=1} : i8[1, past + 1, 1, 4]  # from=attn by=quantize-kv-cache
-  %12 = concat(%k.0.scale, %9) {axis=1} : f32[1, past + 1, 1]  # from=attn by=quantize-kv-cache
-  %13 = dequantize_rows_i8(%v.0, %v.0.scale) : f32[1, past, 1, 4]  # from=attn by=quantize-kv-cache
-  %14 = concat(%13, %6) {axis=1} : f32[1, past + 1, 1, 4]  # from=attn
-  %15 = row_scale_i8(%6) : f32[1, 1, 1]  # from=attn by=quantize-kv-cache
-  %16 = quantize_rows_i8(%6, %15) : i8[1, 1, 1, 4]  # from=attn by=quantize-kv-cache
-  %17 = concat(%v.0, %16) {axis=1} : i8[1, past + 1, 1, 4]  # from=attn by=quantize-kv-cache
-  %18 = concat(%v.0.scale, %15) {axis=1} : f32[1, past + 1, 1]  # from=attn by=quantize-kv-cache
-  %19 = attention(%2, %8, %14) {scale=0.5} : f32[1, 1, 2, 4]
-  return y=%19, k.0=%11, k.0.scale=%12, v.0=%17, v.0.scale=%18
+  %7 = row_scale_i8(%4) : f32[1, 1, 1]  # from=attn by=quantize-kv-cache
+  %8 = quantize_rows_i8(%4, %7) : i8[1, 1, 1, 4]  # from=attn by=quantize-kv-cache
+  %9 = kv_write(%k.0, %8, %pos) : i8[1, capacity, 1, 4]  # from=attn by=quantize-kv-cache
+  %10 = kv_write(%k.0.scale, %7, %pos) : f32[1, capacity, 1]  # from=attn by=quantize-kv-cache
+  %11 = dequantize_rows_i8(%9, %10) : f32[1, capacity, 1, 4]  # from=attn by=quantize-kv-cache
+  %12 = kv_write(%11, %4, %pos) : f32[1, capacity, 1, 4]  # from=attn by=quantize-kv-cache
+  %13 = row_scale_i8(%6) : f32[1, 1, 1]  # from=attn by=quantize-kv-cache
+  %14 = quantize_rows_i8(%6, %13) : i8[1, 1, 1, 4]  # from=attn by=quantize-kv-cache
+  %15 = kv_write(%v.0, %14, %pos) : i8[1, capacity, 1, 4]  # from=attn by=quantize-kv-cache
+  %16 = kv_write(%v.0.scale, %13, %pos) : f32[1, capacity, 1]  # from=attn by=quantize-kv-cache
+  %17 = dequantize_rows_i8(%15, %16) : f32[1, capacity, 1, 4]  # from=attn by=quantize-kv-cache
+  %18 = kv_write(%17, %6, %pos) : f32[1, capacity, 1, 4]  # from=attn by=quantize-kv-cache
+  %19 = attention(%2, %12, %18, %pos) {scale=0.5} : f32[1, 1, 2, 4]
+  return y=%19, k.0=%9, k.0.scale=%10, v.0=%15, v.0.scale=%16
 }
 
 func @logits(%x: f32[1, seq, 8]) {
@@ -138,10 +138,11 @@ def test_golden_text_and_small_decoder_numerics():
     for name in ("k.0", "v.0"):
         np.testing.assert_array_equal(got[name + ".scale"], scale_rows(want[name]))
         np.testing.assert_array_equal(got[name], quantize_rows(want[name], scale_rows(want[name])))
-    x1 = rng.standard_normal((1, 1, 8)).astype(np.float32)
-    past = {name: dequantize_rows(got[name], got[name + ".scale"]) for name in ("k.0", "v.0")}
-    want = run_module(before, "decode", {"x": x1, **past})
-    step = run_module(result.module, "decode", {"x": x1, **{k: v for k, v in got.items() if k != "y"}})
+    x1, pos = rng.standard_normal((1, 1, 8)).astype(np.float32), np.array([5], np.int32)
+    past = cache_buffers({name: dequantize_rows(got[name], got[name + ".scale"]) for name in ("k.0", "v.0")}, 6)
+    want = run_module(before, "decode", {"x": x1, "pos": pos, **past})
+    step = run_module(result.module, "decode",
+                      {"x": x1, "pos": pos, **cache_buffers({k: v for k, v in got.items() if k != "y"}, 6)})
     np.testing.assert_allclose(step["y"], want["y"], atol=1e-6, rtol=0)
     for name in ("k.0", "v.0"):
         np.testing.assert_array_equal(step[name][:, :5], got[name])  # past codes carried, not re-quantized
@@ -188,16 +189,18 @@ def test_int8_rows_ops_check_their_operands():
 
 
 def decode_steps(module, prompt, steps, cache_names, past_of=None):
-    """Prefill, then ``steps`` greedy decodes; (logits of each step, tokens, last outputs).
-    ``past_of(outputs) -> cache inputs`` turns one step's outputs into the next's cache."""
-    past_of = past_of or (lambda out: {name: out[name] for name in cache_names})
+    """Prefill, then ``steps`` greedy decodes; (logits of each step, tokens, last outputs). The cache
+    buffers hold ``len(prompt) + steps`` rows. ``past_of(outputs, rows) -> cache inputs`` turns one
+    step's outputs (their first ``rows`` rows filled) into the next's cache buffers."""
+    capacity = len(prompt) + steps
+    past_of = past_of or (lambda out, rows: cache_buffers({name: out[name] for name in cache_names}, capacity))
     out = run_module(module, "prefill", {"ids": np.array([prompt], np.int32),
                                          "pos": np.arange(len(prompt), dtype=np.int32)})
     logits, tokens = [out["logits"][0, -1]], list(prompt)
     for _ in range(steps):
         tokens.append(int(np.argmax(logits[-1])))
         feed = {"ids": np.array([[tokens[-1]]], np.int32), "pos": np.array([len(tokens) - 1], np.int32)}
-        out = run_module(module, "decode", {**feed, **past_of(out)})
+        out = run_module(module, "decode", {**feed, **past_of(out, len(tokens) - 1)})
         logits.append(out["logits"][0, 0])
     return np.stack(logits), tokens, out
 
@@ -231,16 +234,16 @@ def test_tiny_llama_int8_cache_against_fp32_and_a_hand_computed_reference(tiny_l
     # The int8-cache semantics by hand: the fp32 graph fed the dequantized cache, the new row quantized in numpy.
     stored = {}
 
-    def past_of(out):
+    def past_of(out, rows):
         for name in f32_names:
-            new = out[name][:, -1:] if name in stored else out[name]
+            new = out[name][:, rows - 1:rows] if name in stored else out[name]
             codes, scale = quantize_rows(new, scale_rows(new)), scale_rows(new)
             old = stored.get(name, (codes[:, :0], scale[:, :0]))
             stored[name] = (np.concatenate([old[0], codes], 1), np.concatenate([old[1], scale], 1))
-        return {name: dequantize_rows(*stored[name]) for name in f32_names}
+        return cache_buffers({name: dequantize_rows(*stored[name]) for name in f32_names}, len(PROMPT) + STEPS)
 
     hand, hand_tokens, hand_last = decode_steps(fp32, PROMPT, STEPS, f32_names, past_of)
-    past_of(hand_last)
+    past_of(hand_last, len(PROMPT) + STEPS)
     np.testing.assert_allclose(got, hand, atol=1e-6, rtol=0)
     assert got_tokens == hand_tokens
     for name in f32_names:
@@ -275,7 +278,7 @@ def test_modules_off_the_cache_convention_are_refused():
     with pytest.raises(LLMOptError, match="no KV cache"):
         QuantizeKVCache().run(parse_module(ir_with_meta(no_meta), store))
     not_concat = BEFORE.replace("return y=%a, k.0=%kc, v.0=%vc", "return y=%a, k.0=%kc, v.0=%v.0")
-    with pytest.raises(LLMOptError, match=r"output v\.0 is not concat\(%v\.0, new, axis=1\)"):
+    with pytest.raises(LLMOptError, match=r"output v\.0 is not kv_write\(%v\.0, new, pos\)"):
         QuantizeKVCache().run(parse_module(ir_with_meta(not_concat), store))
     partial = BEFORE.replace("return y=%a, k.0=%kh, v.0=%vh", "return y=%a, k.0=%kh")
     with pytest.raises(LLMOptError, match=r"@prefill takes cache params \[\] and returns cache outputs \['k.0'\]"):

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from runtime_toy import EOS, HIDDEN, LAYERS, VOCAB, toy_greedy
+from runtime_toy import EOS, HIDDEN, LAYERS, VOCAB, toy_greedy, toy_reference_logits
 
 from llmopt.runtime import generate
+from llmopt.runtime import model as runtime_model
 from llmopt.runtime.generate import sample_next
 
 PROMPT = [1, 4, 11, 7]
@@ -68,13 +69,24 @@ def test_top_p_keeps_only_the_nucleus():
     assert draws == {0, 1}
 
 
-def test_kv_cache_grows_by_one_per_decode(toy_model):
-    _, cache = toy_model.prefill(np.array(PROMPT))
+def test_kv_cache_is_written_in_place_and_doubles_when_full(toy_model, monkeypatch):
+    monkeypatch.setattr(runtime_model, "MIN_CAPACITY", 2)
+    logits, cache = toy_model.prefill(np.array(PROMPT))
     assert len(cache) == len(PROMPT) and len(cache.tensors) == 2 * LAYERS
-    for step in range(1, 4):
-        _, cache = toy_model.decode(3, cache)
+    assert cache.capacity == len(PROMPT) + 2
+    seq, capacities = list(PROMPT), []
+    for step in range(1, 8):
+        seq.append(3 + step)
+        before = [t.data_ptr() for t in cache.tensors]
+        full = len(cache) == cache.capacity
+        logits, cache = toy_model.decode(seq[-1], cache)
+        np.testing.assert_allclose(logits, toy_reference_logits(seq)[-1], rtol=1e-4, atol=1e-4)
         assert len(cache) == len(PROMPT) + step
-        assert all(tuple(t.shape) == (1, len(PROMPT) + step, 1, HIDDEN) for t in cache.tensors)
+        assert all(tuple(t.shape) == (1, cache.capacity, 1, HIDDEN) for t in cache.tensors)
+        assert ([t.data_ptr() for t in cache.tensors] == before) != full  # same buffers unless they grew
+        capacities.append(cache.capacity)
+    n = len(PROMPT)
+    assert capacities == [n + 2, n + 2, 2 * (n + 2), 2 * (n + 2), 2 * (n + 2), 2 * (n + 2), 2 * (n + 2)]
 
 
 def test_invalid_ids_are_refused(toy_model):

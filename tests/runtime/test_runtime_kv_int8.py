@@ -10,7 +10,7 @@ import tvm
 from llmopt.codegen.build import compile_module
 from llmopt.compiler import BuildOptions, build
 from llmopt.frontend.hf_folder import load_hf_folder
-from llmopt.ir import WeightStore, parse_module, run_module
+from llmopt.ir import WeightStore, cache_buffers, parse_module, run_module
 from llmopt.ir.printer import HEADER
 from llmopt.passes import PassManager, build_pipeline
 from llmopt.runtime import KVCache, generate, load
@@ -72,12 +72,13 @@ def test_prefill_and_decode_match_the_interpreter_on_the_quantized_ir(int8_cache
         logits, cache = model.decode(ids[-1], cache)
         out = run_module(module, "decode", {"ids": np.array([[ids[-1]]], np.int32),
                                             "pos": np.array([len(ids) - 1], np.int32),
-                                            **{name: out[name] for name in names}})
+                                            **cache_buffers({name: out[name] for name in names}, cache.capacity)})
         np.testing.assert_allclose(logits, out["logits"][0, 0], atol=1e-4, rtol=0)
         assert len(cache) == len(ids)
         for name, tensor in zip(names, cache.tensors):
             array = tensor.numpy()
             assert array.dtype == out[name].dtype and array.shape == out[name].shape, name
+            assert not array[:, len(ids):].any(), name  # rows past the filled ones stay zero
             if name.endswith(".scale"):
                 np.testing.assert_allclose(array, out[name], rtol=1e-5, atol=0, err_msg=name)
             else:  # codes may differ by one where float noise moves a value across a rounding boundary
@@ -89,7 +90,7 @@ def test_cache_tensors_are_int8_codes_plus_f32_scales(int8_cache):
     model, _ = int8_cache
     _, cache = model.prefill(np.array(PROMPT))
     tokens, heads, dim = len(PROMPT), model.manifest.kv_cache.kv_heads, model.manifest.kv_cache.head_dim
-    arrays = [t.numpy() for t in cache.tensors]
+    arrays = [t.numpy()[:, :tokens] for t in cache.tensors]
     assert [str(a.dtype) for a in arrays] == ["int8", "float32"] * 4
     assert [a.shape for a in arrays] == [(1, tokens, heads, dim), (1, tokens, heads)] * 4
     f32_bytes = 4 * tokens * heads * dim * 4  # 2 layers x k, v
@@ -108,7 +109,8 @@ def test_greedy_generation_equals_the_interpreter(int8_cache):
         want.append(int(np.argmax(out["logits"].reshape(-1))))
         out = run_module(module, "decode", {"ids": np.array([[want[-1]]], np.int32),
                                             "pos": np.array([len(PROMPT) + step], np.int32),
-                                            **{name: out[name] for name in names}})
+                                            **cache_buffers({name: out[name] for name in names},
+                                                            len(PROMPT) + DECODE_STEPS)})
     assert list(generate(model, PROMPT, max_new_tokens=DECODE_STEPS, stop_ids=[])) == want
 
 
