@@ -67,7 +67,8 @@ _disable_option = click.option("--disable-pass", multiple=True, metavar="NAME", 
 @cli.command()
 @click.argument("model")
 @click.option("--target", default="cpu", show_default=True, help="Target to compile for (see targets/).")
-@click.option("--arch", default=None, help="Target architecture, e.g. an LLVM CPU name for cpu.")
+@click.option("--arch", default=None, help="Target architecture, e.g. an LLVM CPU name for cpu, sm_80,sm_90 "
+              "for cuda (see llmopt targets).")
 @click.option("-o", "--out", required=True, type=click.Path(), help="Artifact directory to write.")
 @_pipeline_option
 @_disable_option
@@ -100,6 +101,7 @@ def build(model, target, arch, out, pipeline, disable_pass, dump_dir, verify, fo
     Examples:
       llmopt build smollm2 --target cpu -o out/smollm2
       llmopt build smollm2 --quant w8 -o out/smollm2-w8
+      llmopt build smollm2 --target cuda --arch sm_80,sm_90 -o out/smollm2-cuda
       llmopt build smollm2 --quant gptq:w4g128 --calib samples=64 -o out/smollm2-gptq
       llmopt build smollm2 --bits-budget 4.5 -o out/smollm2-mixed
       llmopt build smollm2 --prune wanda:0.5 --quant w8 -o out/smollm2-wanda-w8
@@ -218,6 +220,18 @@ def _compare(model, specs, text, context, max_tokens, threads, out_dir, pipeline
     Console(width=None if sys.stdout.isatty() else 160).print(render_table(result))
     json_path, md_path = write_outputs(result, out_dir)
     click.echo(f"wrote {json_path} and {md_path}", err=True)
+
+
+@cli.command(name="targets")
+def list_targets():
+    """List the targets of `llmopt build --target`: what each is, its --arch values, and what the
+    build machine and the device need."""
+    from .targets import get_target, target_names
+    for name in target_names():
+        spec = get_target(name)
+        archs = spec.arch_help or (", ".join(spec.archs) if spec.archs else "free form")
+        click.echo(f"{name}: {spec.description}\n  --arch: {archs}\n"
+                   f"  build needs: {spec.build_needs or 'nothing beyond llmopt'}\n  device needs: {spec.device_needs}")
 
 
 class _IRGroup(click.Group):

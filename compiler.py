@@ -132,8 +132,8 @@ def _manifest_fields(module: Module, options: BuildOptions, library, spec, repor
     return {
         "created_by": {"options": options.to_json(), "llmopt": __version__,
                        **({"quant_plan": module.meta["quant_plan"]} if "quant_plan" in module.meta else {})},
-        "target": {"name": spec.name, "tvm": library.target, "device": spec.device,
-                   "weight_layout": library.layout_note()},
+        "target": {"name": spec.name, "tvm": library.target, "device": spec.device, "archs": list(library.archs),
+                   "device_needs": spec.device_needs, "weight_layout": library.layout_note()},
         "library": spec.library_file,
         "entry_points": entry_points,
         "kv_cache": module.meta["kv_cache"],
@@ -160,6 +160,8 @@ def build(model, out: str | Path, options: BuildOptions = BuildOptions(), force:
         raise LLMOptError(f"output {out} already exists.", "Pass --force to replace it, or choose another -o.")
     check_output_path(out)  # a file in the way or a folder not writable: before any work
     check_arch(spec, options.arch)  # likewise an --arch the target does not know
+    if spec.check_toolchain is not None:
+        spec.check_toolchain(options.arch)  # and a missing device compiler (e.g. nvcc)
     build_report = BuildReport()
 
     def step(name: str, fn):

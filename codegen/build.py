@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,7 +10,7 @@ import numpy as np
 import tvm
 
 from ..ir.graph import Module
-from ..targets import TargetSpec, check_arch
+from ..targets import TargetSpec, check_arch, requested_archs
 from .shape_func_order import sort_shape_func_stores
 from .relax_module import Kernels, default_emit_linear, to_relax, weight_order
 from .weight_layout import packed_weights
@@ -23,6 +24,7 @@ class CompiledLibrary:
     target: dict  # the TVM target, dict form
     packed: set[str]  # weights stored in ``layout``
     layout: Any
+    archs: tuple[str, ...] = ()  # the archs compiled for (--arch's list, or the target's default ones)
 
     def stored_weights(self, module: Module):
         """(name, array) in the library's parameter order and layout, loaded one at a time."""
@@ -40,6 +42,7 @@ def relax_pipeline(spec: TargetSpec, target: tvm.target.Target):
     the shape functions put in a fixed order (reproducible builds)."""
     if spec.schedule_rules is None:
         return tvm.transform.Sequential([tvm.relax.get_default_pipeline(target), sort_shape_func_stores])
+    # the generic stages (CUDA's differ only by RewriteCUDAGraph, which is off unless configured)
     from tvm.relax.backend.cpu_generic import pipeline as stages
     from tvm.s_tir import dlight
     return tvm.transform.Sequential(
@@ -51,6 +54,8 @@ def relax_pipeline(spec: TargetSpec, target: tvm.target.Target):
 def compile_module(module: Module, spec: TargetSpec, arch: str | None = None) -> CompiledLibrary:
     """Compile ``module`` for ``spec`` (and ``arch``); weights stay out of the library."""
     check_arch(spec, arch)
+    if spec.check_toolchain is not None:
+        spec.check_toolchain(arch)
     target_dict = spec.tvm_target(arch)
     target = tvm.target.Target(target_dict)
     layout = spec.linear_weight_layout() if spec.linear_weight_layout else None
@@ -60,5 +65,6 @@ def compile_module(module: Module, spec: TargetSpec, arch: str | None = None) ->
         kernels = Kernels(spec.emit_linear or default_emit_linear, spec.emit_attention,
                           spec.emit_quant_linear, fuses)
         relax_mod = to_relax(module, kernels, layout, packed)
-        executable = tvm.compile(relax_mod, target, relax_pipeline=relax_pipeline(spec, target))
-    return CompiledLibrary(executable, target_dict, packed, layout)
+        with spec.compile_context(arch) if spec.compile_context else contextlib.nullcontext():
+            executable = tvm.compile(relax_mod, target, relax_pipeline=relax_pipeline(spec, target))
+    return CompiledLibrary(executable, target_dict, packed, layout, requested_archs(spec, arch))

@@ -7,6 +7,7 @@ order. Symbolic dims become shared ``int64`` TIR vars per function.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -45,7 +46,9 @@ def _lower_function(bb: relax.BlockBuilder, func: Function, weights: list[tuple[
     ctx = LoweringContext(bb, {}, kernels.emit_linear, kernels.emit_attention, func.types(), packed_values,
                           kernels.emit_quant_linear, fused_dequantizes(func, kernels.fuses_dequantize))
     inputs = [relax.Var(p.name, _tensor_type(ctx, p.type)) for p in func.params]
-    weight_vars = {name: relax.Var(name.replace(".", "_"), _tensor_type(ctx, t)) for name, t in weights}
+    # a C identifier: device code (CUDA C) names kernel parameters after the vars ("q+k+v" is no name)
+    weight_vars = {name: relax.Var(re.sub(r"^(?=\d)|[^0-9A-Za-z_]", "_", name), _tensor_type(ctx, t))
+                   for name, t in weights}
     with bb.function(func.name, inputs + list(weight_vars.values()), attrs={"num_input": len(inputs)}):
         with bb.dataflow():
             values = {p.name: var for p, var in zip(func.params, inputs)}

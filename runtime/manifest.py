@@ -71,8 +71,10 @@ class Manifest:
     """Everything the runtime needs to know about an artifact.
 
     `entry_points` is a list of {"name": str, "inputs": [...]} (at least `prefill` and `decode`);
-    `target` is {"name", "tvm" (TVM's dict form of the target), "device"}; `files` maps every
-    file except the manifest itself to its sha256.
+    `target` is {"name", "tvm" (TVM's dict form of the target), "device", "archs" (what the library
+    has code for, e.g. ["sm_80", "sm_90"] for cuda; empty: what "tvm" names), "device_needs" (in
+    words)}, the last two absent in older artifacts; `files` maps every file except the manifest
+    itself to its sha256.
     """
 
     format_version: int

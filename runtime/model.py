@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ._tvm import import_tvm
+from .cuda_device import cuda_device
 from .errors import ArtifactError
 from .manifest import Manifest, read_manifest, resolve, verify
 from .safetensors_reader import read_tensors
@@ -69,7 +70,7 @@ class CompiledModel:
         self.manifest = manifest
         self.tokenizer = tokenizer
         self._tvm = tvm
-        self._dev = tvm.cpu()
+        self._dev = tvm.cuda(0) if manifest.target.get("device") == "cuda" else tvm.cpu()
         self._prefill = vm["prefill"]
         self._decode = vm["decode"]
         self._logits = vm["logits"]
@@ -160,7 +161,7 @@ class CompiledModel:
 def load(
     artifact_dir: str | Path, device: str | None = None, *, verify_hashes: bool = True
 ) -> CompiledModel:
-    """Load the artifact at `artifact_dir` for `device` (None or "cpu": only CPU runs for now).
+    """Load the artifact at `artifact_dir` for `device` (None: the artifact's own, "cpu" or "cuda").
 
     Verifies the manifest and, unless `verify_hashes` is False, the sha256 of every file; checks
     that this machine can run the target; binds the weights once. Raises ArtifactError otherwise.
@@ -168,7 +169,7 @@ def load(
     artifact_dir = Path(artifact_dir)
     manifest = verify(artifact_dir) if verify_hashes else read_manifest(artifact_dir)
     tvm = import_tvm()
-    _check_target(tvm, manifest, device, artifact_dir)
+    dev = _check_target(tvm, manifest, device, artifact_dir)
     missing = [e for e in _ENTRY_POINTS if e not in {p.get("name") for p in manifest.entry_points}]
     if missing:
         raise ArtifactError(
@@ -178,7 +179,7 @@ def load(
         )
     lib_path = resolve(artifact_dir, manifest.library)
     try:
-        vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(lib_path)), tvm.cpu())
+        vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(lib_path)), dev)
     except (RuntimeError, AttributeError) as err:
         raise ArtifactError(
             f"cannot load the library {lib_path}: {err}",
@@ -193,26 +194,34 @@ def load(
         add_bos=tok.add_bos,
         chat_template=tok.chat_template,
     )
-    return CompiledModel(manifest, vm, _load_weights(tvm, artifact_dir, manifest), tokenizer, tvm, Path(artifact_dir))
+    return CompiledModel(manifest, vm, _load_weights(tvm, artifact_dir, manifest, dev), tokenizer, tvm,
+                         Path(artifact_dir))
 
 
-def _check_target(tvm: Any, manifest: Manifest, device: str | None, artifact_dir: Path) -> None:
-    """Raise ArtifactError unless this machine can run the artifact's target on `device`."""
-    if device not in (None, "cpu"):
-        raise ArtifactError(
-            f"device {device!r} is not supported: this runtime runs on the CPU only",
-            hint="omit the device or pass 'cpu'",
-        )
+def _check_target(tvm: Any, manifest: Manifest, device: str | None, artifact_dir: Path) -> Any:
+    """The TVM device to run the artifact on; ArtifactError unless this machine can run its target
+    on `device` (None: the target's device)."""
     target = manifest.target
     tvm_target = target.get("tvm") or {}
+    if device not in (None, target.get("device")):
+        raise ArtifactError(
+            f"{artifact_dir} was built for target {target.get('name')!r}, which runs on "
+            f"{'the CPU' if target.get('device') == 'cpu' else target.get('device')} only, not on device {device!r}",
+            hint=f"omit the device, or rebuild it with `llmopt build ... --target {device}`",
+            path=artifact_dir,
+        )
+    if target.get("device") == "cuda" and tvm_target.get("kind") == "cuda":
+        _check_host_cpu(tvm, tvm_target.get("host") or {}, artifact_dir)  # the host code's architecture
+        return cuda_device(tvm, target, artifact_dir)
     if target.get("device") != "cpu" or tvm_target.get("kind") != "llvm":
         raise ArtifactError(
             f"{artifact_dir} was built for target {target.get('name')!r} "
-            f"(device {target.get('device')!r}); this runtime runs CPU artifacts only",
+            f"(device {target.get('device')!r}); this runtime runs CPU and CUDA artifacts only",
             hint="rebuild it with `llmopt build ... --target cpu`",
             path=artifact_dir,
         )
     _check_host_cpu(tvm, tvm_target, artifact_dir)
+    return tvm.cpu()
 
 
 def _check_host_cpu(tvm: Any, tvm_target: dict[str, Any], artifact_dir: Path) -> None:
@@ -246,7 +255,7 @@ def _check_host_cpu(tvm: Any, tvm_target: dict[str, Any], artifact_dir: Path) ->
         )
 
 
-def _load_weights(tvm: Any, artifact_dir: Path, manifest: Manifest) -> list[Any]:
+def _load_weights(tvm: Any, artifact_dir: Path, manifest: Manifest, dev: Any) -> list[Any]:
     """Read every weight from its shard into a device tensor; return them in manifest order."""
     by_file: dict[str, list[int]] = defaultdict(list)
     for i, w in enumerate(manifest.weights):
@@ -265,7 +274,7 @@ def _load_weights(tvm: Any, artifact_dir: Path, manifest: Manifest) -> list[Any]
                         hint="rebuild the artifact",
                         path=path,
                     )
-                tensors[i] = tvm.runtime.tensor(array, tvm.cpu())
+                tensors[i] = tvm.runtime.tensor(array, dev)
         except KeyError as missing:
             raise ArtifactError(f"{path} has no tensor {missing}", hint="rebuild the artifact", path=path) from None
         except (ValueError, OSError) as err:

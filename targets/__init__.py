@@ -1,11 +1,12 @@
-"""The target registry: ``targets/<name>.py`` defines ``TARGET``; ``get_target(name)`` finds it."""
+"""The target registry: ``targets/<name>.py`` defines ``TARGET``; ``get_target(name)`` finds it
+(cpu.py: this machine's CPU; cuda.py: NVIDIA GPUs, kernels precompiled into a multi-arch fatbin)."""
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
 
-from .base import TargetSpec, UnknownTargetError, check_arch
+from .base import TargetSpec, UnknownTargetError, check_arch, requested_archs
 
 
 def target_names() -> list[str]:
@@ -18,4 +19,4 @@ def get_target(name: str) -> TargetSpec:
     return importlib.import_module(f"{__name__}.{name}").TARGET
 
 
-__all__ = ["TargetSpec", "get_target", "target_names", "check_arch", "UnknownTargetError"]
+__all__ = ["TargetSpec", "get_target", "target_names", "check_arch", "requested_archs", "UnknownTargetError"]

@@ -6,6 +6,7 @@ kernels to use for ``linear``, the library file it exports and what the device n
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -33,16 +34,47 @@ class TargetSpec:
     archs: tuple[str, ...] = field(default_factory=tuple)  # accepted --arch values (empty: free form)
     # free-form archs: (arch) -> None if the target knows it, else a hint naming what it accepts
     check_free_arch: Callable[[str], str | None] | None = None
+    arch_help: str = ""  # what --arch takes, in words (for `llmopt targets`)
+    build_needs: str = ""  # what the build machine needs besides llmopt's Python dependencies
+    multi_arch: bool = False  # --arch may name several archs, comma-separated (one library for all of them)
+    default_archs: tuple[str, ...] = ()  # what a multi-arch target compiles for when --arch is left out
+    # (arch) -> None, or an LLMOptError naming what to install: checked before any model work
+    check_toolchain: Callable[[str | None], None] | None = None
+    # (arch) -> context around tvm.compile that makes the device compiler available; None: nothing needed
+    compile_context: Callable[[str | None], AbstractContextManager] | None = None
 
 
 class UnknownTargetError(LLMOptError):
     pass
 
 
+def requested_archs(spec: TargetSpec, arch: str | None) -> tuple[str, ...]:
+    """The archs ``--arch`` names: for a multi-arch target each of a comma list (None: its
+    ``default_archs``), else ``arch`` itself (None: ``()``, the target's default)."""
+    if arch is None:
+        return spec.default_archs
+    if spec.multi_arch:
+        return tuple(a.strip() for a in arch.split(","))
+    return (arch,)
+
+
 def check_arch(spec: TargetSpec, arch: str | None) -> None:
-    """UnknownTargetError unless ``arch`` (None: the default) is one ``spec`` accepts."""
+    """UnknownTargetError unless ``arch`` (None: the default) is one ``spec`` accepts; a multi-arch
+    target checks every arch of a comma list."""
     if arch is None:
         return
+    if spec.multi_arch:
+        archs = requested_archs(spec, arch)
+        if "" in archs or len(set(archs)) != len(archs):
+            raise UnknownTargetError(f"target {spec.name}: --arch {arch!r} is not a list of distinct archs.",
+                                     f"Write e.g. --arch {','.join(spec.default_archs or spec.archs[:2])}.")
+        for one in archs:
+            _check_one_arch(spec, one)
+        return
+    _check_one_arch(spec, arch)
+
+
+def _check_one_arch(spec: TargetSpec, arch: str) -> None:
     if spec.archs and arch not in spec.archs:
         raise UnknownTargetError(f"target {spec.name}: unknown --arch {arch!r}.",
                                  f"Known archs: {', '.join(spec.archs)}.")

@@ -80,4 +80,5 @@ TARGET = TargetSpec(
     schedule_rules=_schedule_rules,
     linear_weight_layout=_linear_weight_layout,
     check_free_arch=check_cpu_arch,
+    arch_help="an LLVM CPU name of this machine's kind, e.g. skylake-avx512 (default: this machine's CPU)",
 )
