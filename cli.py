@@ -88,7 +88,9 @@ _disable_option = click.option("--disable-pass", multiple=True, metavar="NAME", 
                    "BITS bits/weight on average (LM head float, not counted); --quant picks the method.")
 @click.option("--prune", default=None, metavar="METHOD:LEVEL",
               help="Prune linear weights (lm_head kept) before any quantization: METHOD magnitude, wanda or "
-                   "sparsegpt; LEVEL a sparsity (0.5) or N:M (2:4). wanda/sparsegpt calibrate with --calib.")
+                   "sparsegpt; LEVEL a sparsity (0.5) or N:M (2:4). wanda/sparsegpt calibrate with --calib. "
+                   "Structured: flap or wanda-sp with a fraction of the layers' parameters (flap:0.2) removes kv "
+                   "head groups and MLP channels, shrinking the model.")
 @click.option("--lowrank", default=None, metavar="METHOD:RATIO[:ALLOCATION]",
               help="Factorize linear weights into two low-rank linears (lm_head kept) before any quantization, "
                    "removing RATIO of their parameters: METHOD svd or asvd (activation-aware, calibrates with "
@@ -156,8 +158,9 @@ def run(artifact, prompt, max_tokens, temperature, top_p, seed):
               help="Use only the first N tokens of the text.  [default: all; with --compare 2048]")
 @_pipeline_option
 @click.option("--compare", "compare_specs", default=None, metavar="SPECS",
-              help="Build MODEL once per quantization variant and compare them: comma-separated specs, "
-              "e.g. fp32,w8,w4g128,gptq:w4g128 (fp32, no quantization, is always included).")
+              help="Build MODEL once per variant and compare them: comma-separated specs, each a --quant spec "
+              "or '+'-joined steps prune=METHOD:LEVEL, lowrank=METHOD:RATIO, quant=SPEC, e.g. "
+              "fp32,w8,gptq:w4g128,prune=wanda:0.5+w4g128,lowrank=asvd:0.2+w8 (fp32, uncompressed, is always included).")
 @click.option("--out-dir", type=click.Path(file_okay=False), default=None,
               help="--compare: write compare.json and compare.md here.  [default: out/compare]")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
@@ -168,14 +171,16 @@ def evaluate(model_or_artifact, text, context, max_tokens, pipeline, compare_spe
              keep_artifacts):
     """Perplexity of an artifact (or of a model, built for the CPU first) on --text.
 
-    With --compare, build the model once per quantization variant and print, per variant, weight
-    and artifact size, peak memory, prefill and decode speed, perplexity, and the KL divergence of
-    its next-token distribution from fp32's (also written to --out-dir as JSON and Markdown).
+    With --compare, build the model once per variant (quantized, pruned, factorized, or a mix) and
+    print, per variant, parameters, weight and artifact size, peak memory, prefill and decode speed,
+    perplexity, and the KL divergence of its next-token distribution from fp32's (also written to
+    --out-dir as JSON and Markdown).
 
     \b
     Examples:
       llmopt eval out/smollm2 --text ../shared/data/austen/persuasion.txt --context 1024 --tokens 8192
       llmopt eval smollm2 --compare fp32,w8,w4g128,w4g32-asym --out-dir out/compare
+      llmopt eval smollm2 --compare w4g128,prune=wanda:0.5,prune=wanda:2:4+w4g128,lowrank=asvd:0.2+w8
     """
     if compare_specs is not None:
         _compare(model_or_artifact, compare_specs, text, 256 if context is None else context,

@@ -1,8 +1,13 @@
-"""``llmopt eval MODEL --compare SPECS``: one model built in several quantization variants, side by side.
+"""``llmopt eval MODEL --compare SPECS``: one model built in several compressed variants, side by side.
 
-Every variant is built from the same traced model: ``fp32`` without quantization (always there,
-always first), any other spec passed verbatim as ``BuildOptions(quant=SPEC)``. Per variant:
+Every variant is built from the same traced model: ``fp32`` without compression (always there,
+always first); any other spec is ``+``-joined steps, each ``prune=METHOD:LEVEL`` (``--prune``),
+``lowrank=METHOD:RATIO[:ALLOCATION]`` (``--lowrank``) or a ``--quant`` spec (``quant=`` optional),
+e.g. ``w4g128``, ``prune=wanda:0.5+w4g128``, ``lowrank=asvd:0.2+w8``. Per variant:
 
+- parameters: what the weights stand for (``ir.parameters``: a quantized weight counts its
+  dequantized values, factors and structurally pruned layers their smaller shapes, zeros of
+  unstructured pruning count);
 - weight bytes: the artifact's weight shard files; bytes/param divides them by the number of
   values the fp32 artifact stores; artifact bytes: all of the artifact's files;
 - peak RSS, prefill and decode tok/s: measured in a child process per variant with ``threads``
@@ -76,6 +81,36 @@ def parse_specs(text: str) -> list[str]:
     return list(dict.fromkeys([BASELINE, *(spec.strip() for spec in text.split(",") if spec.strip())]))
 
 
+STEPS = ("prune", "lowrank", "quant")
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """The build options of one ``--compare`` spec (see the module docstring)."""
+
+    prune: str | None = None
+    lowrank: str | None = None
+    quant: str | None = None
+
+
+def parse_variant(spec: str) -> VariantSpec:
+    """``spec`` as build options; LLMOptError on an unknown or repeated step."""
+    steps: dict[str, str] = {}
+    if spec == BASELINE:
+        return VariantSpec()
+    for part in spec.split("+"):
+        key, sep, value = part.strip().partition("=")
+        key, value = (key.strip(), value.strip()) if sep else ("quant", key.strip())
+        if key not in STEPS or not value:
+            raise LLMOptError(f"--compare variant {spec!r}: {part!r} is not a step.",
+                              "Join steps with '+': prune=METHOD:LEVEL, lowrank=METHOD:RATIO[:ALLOCATION] and a "
+                              "--quant spec, e.g. prune=wanda:0.5+w4g128.")
+        if key in steps:
+            raise LLMOptError(f"--compare variant {spec!r} has two {key} steps.", "Give each step at most once.")
+        steps[key] = value
+    return VariantSpec(**steps)
+
+
 # ---- building ----------------------------------------------------------------------------------
 
 
@@ -91,10 +126,15 @@ def _naming(spec: str):
 def check_specs(specs: list[str]) -> None:
     """Fail before any build on a spec the compiler does not know."""
     from .compiler import quantization_pass
+    from .passes.lowrank import lowrank_pass
+    from .passes.prune import pruning_pass
     for spec in specs:
-        if spec != BASELINE:
-            with _naming(spec):
-                quantization_pass(spec)
+        variant = parse_variant(spec)
+        with _naming(spec):
+            for step, make in ((variant.prune, pruning_pass), (variant.lowrank, lowrank_pass),
+                               (variant.quant, quantization_pass)):
+                if step is not None:
+                    make(step)
 
 
 def build_variants(model, specs: list[str], folder: Path, pipeline: str,
@@ -108,7 +148,7 @@ def build_variants(model, specs: list[str], folder: Path, pipeline: str,
         out = folder / re.sub(r"[^A-Za-z0-9._-]", "_", spec)
         start = time.perf_counter()
         with _naming(spec):
-            build(module, out, BuildOptions(pipeline=pipeline, quant=None if spec == BASELINE else spec), force=True)
+            build(module, out, BuildOptions(pipeline=pipeline, **asdict(parse_variant(spec))), force=True)
         variants.append(Variant(spec, out, time.perf_counter() - start))
     return variants
 
@@ -121,7 +161,8 @@ def artifact_sizes(artifact: Path) -> dict:
     from .runtime.manifest import read_manifest, resolve
     manifest = read_manifest(artifact)
     shards = {w.file for w in manifest.weights}
-    return {"weight_bytes": sum(resolve(artifact, f).stat().st_size for f in shards),
+    return {"parameters": manifest.created_by.get("parameters"),
+            "weight_bytes": sum(resolve(artifact, f).stat().st_size for f in shards),
             "artifact_bytes": sum(p.stat().st_size for p in artifact.rglob("*") if p.is_file()),
             "stored_values": sum(math.prod(w.shape) for w in manifest.weights)}
 
@@ -236,6 +277,7 @@ def _settings(model, settings: CompareSettings, ppl: Perplexity, parameters: int
 
 COLUMNS = [  # (header, row key, format)
     ("variant", "spec", "{}"),
+    ("params M", "parameters", lambda v: f"{v / 1e6:.4g}"),
     ("weights MB", "weight_bytes", lambda v: f"{v / 1e6:.4g}"),
     ("bytes/param", "bytes_per_param", "{:.3f}"),
     ("artifact MB", "artifact_bytes", lambda v: f"{v / 1e6:.4g}"),
@@ -270,7 +312,7 @@ def describe(comparison: Comparison) -> str:
 def render_table(comparison: Comparison):
     """The comparison as a rich Table."""
     from rich.table import Table
-    table = Table(title="quantization variants", caption=describe(comparison), caption_justify="left")
+    table = Table(title="variants", caption=describe(comparison), caption_justify="left")
     for header, _, _ in COLUMNS:
         table.add_column(header, justify="left" if header == "variant" else "right")
     for row in comparison.rows:
@@ -282,7 +324,7 @@ def to_markdown(comparison: Comparison) -> str:
     s = comparison.settings
     lines = ["| " + " | ".join(header for header, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cells(row)) + " |" for row in comparison.rows]
-    return "\n".join([f"# Quantization variants of {s['model']}", "", *lines, "", describe(comparison), "",
+    return "\n".join([f"# Variants of {s['model']}", "", *lines, "", describe(comparison), "",
                       f"Machine: {s['cpu']}, {s['logical_cores']} logical cores; load average at start "
                       f"{', '.join(f'{x:.2f}' for x in s['load_average_at_start'])}; {s['date']}.", ""])
 

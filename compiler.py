@@ -14,6 +14,7 @@ from typing import Callable
 from . import __version__
 from .errors import LLMOptError
 from .ir.graph import Module
+from .ir.parameters import logical_parameters
 from .ir.printer import print_module
 
 
@@ -130,7 +131,7 @@ def _manifest_fields(module: Module, options: BuildOptions, library, spec, repor
     tokenizer = dict(module.meta.get("tokenizer") or {})
     entry_points = [{"name": f.name, "inputs": [p.name for p in f.params]} for f in module.functions.values()]
     return {
-        "created_by": {"options": options.to_json(), "llmopt": __version__,
+        "created_by": {"options": options.to_json(), "llmopt": __version__, "parameters": logical_parameters(module),
                        **({"quant_plan": module.meta["quant_plan"]} if "quant_plan" in module.meta else {})},
         "target": {"name": spec.name, "tvm": library.target, "device": spec.device, "archs": list(library.archs),
                    "device_needs": spec.device_needs, "weight_layout": library.layout_note()},

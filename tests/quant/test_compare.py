@@ -147,3 +147,55 @@ def test_an_artifact_cannot_be_compared(artifacts, capsys):
 
 def test_threads_need_compare(artifacts, capsys):
     assert "apply only to eval --compare" in _fails(["eval", str(artifacts / "fp32"), "--threads", "2"], capsys)
+
+
+MIXED = "prune=magnitude:0.5,lowrank=svd:0.3+w8,prune=magnitude:2:4+quant=w4g32"
+
+
+@pytest.fixture(scope="module")
+def mixed(tiny_llama, text, tmp_path_factory):
+    """A comparison of pruned, factorized and mixed variants (calibration-free methods, to stay quick)."""
+    out = tmp_path_factory.mktemp("compare_mixed")
+    main(["eval", str(tiny_llama), "--compare", MIXED, "--text", str(text), "--context", str(CONTEXT),
+          "--tokens", str(TOKENS), "--threads", "1", "--out-dir", str(out), "--keep-artifacts"])
+    return out, json.loads((out / "compare.json").read_text())
+
+
+def test_pruned_and_factorized_variants_get_rows(mixed, tiny_llama):
+    from safetensors.numpy import load_file
+
+    from llmopt.compare import parse_variant
+    from llmopt.compiler import BuildOptions, load as trace, optimize
+    from llmopt.ir.parameters import logical_parameters
+    out, data = mixed
+    rows = {row["spec"]: row for row in data["rows"]}
+    assert list(rows) == ["fp32", *MIXED.split(",")]
+    dense = _hf_parameters(tiny_llama)
+    assert rows["fp32"]["parameters"] == dense
+    assert rows["prune=magnitude:0.5"]["parameters"] == dense  # unstructured zeros are still parameters
+    factorized = rows["lowrank=svd:0.3+w8"]["parameters"]
+    assert factorized < dense
+    assert factorized == logical_parameters(optimize(trace(str(tiny_llama)), BuildOptions(
+        **vars(parse_variant("lowrank=svd:0.3+w8")))))
+    for spec in MIXED.split(","):
+        assert rows[spec]["perplexity"] != rows["fp32"]["perplexity"] and rows[spec]["kl_mean"] > 0
+    assert rows["prune=magnitude:2:4+quant=w4g32"]["weight_bytes"] < rows["lowrank=svd:0.3+w8"]["weight_bytes"]
+    shards = [load_file(p) for p in (out / "artifacts" / "prune_magnitude_0.5" / "weights").iterdir()]
+    projections = [a for shard in shards for name, a in shard.items() if "layers" in name and "norm" not in name]
+    zeros = sum(int((a == 0).sum()) for a in projections) / sum(a.size for a in projections)
+    assert 0.45 < zeros < 0.55  # half of every layer's linear weights, in the stored (blocked) layout
+    markdown = (out / "compare.md").read_text()
+    assert all(f"| {spec} |" in markdown for spec in rows)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("foo=bar", "'foo=bar' is not a step"),
+    ("prune=magnitude:0.5+prune=wanda:0.5", "has two prune steps"),
+    ("prune=nosuch:0.5", "'prune=nosuch:0.5'"),
+    ("lowrank=svd:2", "'lowrank=svd:2'"),
+])
+def test_bad_variant_steps_are_user_errors(tiny_llama, text, tmp_path, capsys, spec, message):
+    err = _fails(["eval", str(tiny_llama), "--compare", spec, "--text", str(text), "--context", str(CONTEXT),
+                  "--tokens", str(TOKENS), "--out-dir", str(tmp_path / "out")], capsys)
+    assert message in err
+    assert not (tmp_path / "out").exists()
