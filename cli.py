@@ -68,7 +68,7 @@ _disable_option = click.option("--disable-pass", multiple=True, metavar="NAME", 
 @click.argument("model")
 @click.option("--target", default="cpu", show_default=True, help="Target to compile for (see targets/).")
 @click.option("--arch", default=None, help="Target architecture, e.g. an LLVM CPU name for cpu, sm_80,sm_90 "
-              "for cuda (see llmopt targets).")
+              "for cuda, gfx90a,gfx942 for rocm, m2 for metal (see llmopt targets).")
 @click.option("-o", "--out", required=True, type=click.Path(), help="Artifact directory to write.")
 @_pipeline_option
 @_disable_option
@@ -104,6 +104,8 @@ def build(model, target, arch, out, pipeline, disable_pass, dump_dir, verify, fo
       llmopt build smollm2 --target cpu -o out/smollm2
       llmopt build smollm2 --quant w8 -o out/smollm2-w8
       llmopt build smollm2 --target cuda --arch sm_80,sm_90 -o out/smollm2-cuda
+      llmopt build smollm2 --target rocm --arch gfx90a,gfx942 -o out/smollm2-rocm
+      llmopt build smollm2 --target metal --quant w4g32 -o out/smollm2-metal
       llmopt build smollm2 --quant gptq:w4g128 --calib samples=64 -o out/smollm2-gptq
       llmopt build smollm2 --bits-budget 4.5 -o out/smollm2-mixed
       llmopt build smollm2 --prune wanda:0.5 --quant w8 -o out/smollm2-wanda-w8

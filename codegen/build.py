@@ -67,4 +67,6 @@ def compile_module(module: Module, spec: TargetSpec, arch: str | None = None) ->
         relax_mod = to_relax(module, kernels, layout, packed)
         with spec.compile_context(arch) if spec.compile_context else contextlib.nullcontext():
             executable = tvm.compile(relax_mod, target, relax_pipeline=relax_pipeline(spec, target))
+    if spec.package_library is not None:
+        executable = spec.package_library(executable, arch)
     return CompiledLibrary(executable, target_dict, packed, layout, requested_archs(spec, arch))

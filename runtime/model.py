@@ -23,8 +23,10 @@ import numpy as np
 
 from ._tvm import import_tvm
 from .cuda_device import cuda_device
+from .metal_device import metal_device
 from .errors import ArtifactError
 from .manifest import Manifest, read_manifest, resolve, verify
+from .rocm_device import rocm_device
 from .safetensors_reader import read_tensors
 from .tokenizer import Tokenizer
 
@@ -70,7 +72,7 @@ class CompiledModel:
         self.manifest = manifest
         self.tokenizer = tokenizer
         self._tvm = tvm
-        self._dev = tvm.cuda(0) if manifest.target.get("device") == "cuda" else tvm.cpu()
+        self._dev = tvm.device(manifest.target.get("device") or "cpu", 0)  # as _check_target chose it
         self._prefill = vm["prefill"]
         self._decode = vm["decode"]
         self._logits = vm["logits"]
@@ -161,7 +163,8 @@ class CompiledModel:
 def load(
     artifact_dir: str | Path, device: str | None = None, *, verify_hashes: bool = True
 ) -> CompiledModel:
-    """Load the artifact at `artifact_dir` for `device` (None: the artifact's own, "cpu" or "cuda").
+    """Load the artifact at `artifact_dir` for `device` (None: the artifact's own: "cpu", "cuda", "rocm",
+    "metal").
 
     Verifies the manifest and, unless `verify_hashes` is False, the sha256 of every file; checks
     that this machine can run the target; binds the weights once. Raises ArtifactError otherwise.
@@ -213,10 +216,17 @@ def _check_target(tvm: Any, manifest: Manifest, device: str | None, artifact_dir
     if target.get("device") == "cuda" and tvm_target.get("kind") == "cuda":
         _check_host_cpu(tvm, tvm_target.get("host") or {}, artifact_dir)  # the host code's architecture
         return cuda_device(tvm, target, artifact_dir)
+    if target.get("device") == "rocm" and tvm_target.get("kind") == "rocm":
+        _check_host_cpu(tvm, tvm_target.get("host") or {}, artifact_dir)
+        return rocm_device(tvm, target, artifact_dir)
+    if target.get("device") == "metal" and tvm_target.get("kind") == "metal":
+        dev = metal_device(tvm, target, artifact_dir)  # first: elsewhere than a Mac, the host code is foreign too
+        _check_host_cpu(tvm, tvm_target.get("host") or {}, artifact_dir)
+        return dev
     if target.get("device") != "cpu" or tvm_target.get("kind") != "llvm":
         raise ArtifactError(
             f"{artifact_dir} was built for target {target.get('name')!r} "
-            f"(device {target.get('device')!r}); this runtime runs CPU and CUDA artifacts only",
+            f"(device {target.get('device')!r}); this runtime runs CPU, CUDA, ROCm and Metal artifacts only",
             hint="rebuild it with `llmopt build ... --target cpu`",
             path=artifact_dir,
         )

@@ -42,6 +42,9 @@ class TargetSpec:
     check_toolchain: Callable[[str | None], None] | None = None
     # (arch) -> context around tvm.compile that makes the device compiler available; None: nothing needed
     compile_context: Callable[[str | None], AbstractContextManager] | None = None
+    # (executable, arch) -> what the artifact exports in its place: an object whose export_library(path)
+    # writes the library and the files the device loads beside it (e.g. a web page); None: the executable
+    package_library: Callable[[Any, str | None], Any] | None = None
 
 
 class UnknownTargetError(LLMOptError):
