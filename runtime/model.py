@@ -31,6 +31,8 @@ from .safetensors_reader import read_tensors
 from .tokenizer import Tokenizer
 
 _ENTRY_POINTS = ("prefill", "decode", "logits")
+GPU_DEVICES = {"cuda": cuda_device, "rocm": rocm_device, "metal": metal_device}
+"""device kind -> (tvm, manifest target, artifact dir) -> the TVM device, or ArtifactError saying why not."""
 # LLVM CPU features that are instruction sets (the others are tuning hints, safe to lack).
 _ISA_PREFIXES = (
     "sse", "ssse3", "avx", "amx", "fma", "f16c", "bmi", "neon", "sve", "dotprod", "i8mm"
@@ -213,20 +215,16 @@ def _check_target(tvm: Any, manifest: Manifest, device: str | None, artifact_dir
             hint=f"omit the device, or rebuild it with `llmopt build ... --target {device}`",
             path=artifact_dir,
         )
-    if target.get("device") == "cuda" and tvm_target.get("kind") == "cuda":
+    gpu_device = GPU_DEVICES.get(target.get("device"))
+    if gpu_device is not None and tvm_target.get("kind") == target.get("device"):
+        dev = gpu_device(tvm, target, artifact_dir)  # first: off its device, the host code may be foreign too
         _check_host_cpu(tvm, tvm_target.get("host") or {}, artifact_dir)  # the host code's architecture
-        return cuda_device(tvm, target, artifact_dir)
-    if target.get("device") == "rocm" and tvm_target.get("kind") == "rocm":
-        _check_host_cpu(tvm, tvm_target.get("host") or {}, artifact_dir)
-        return rocm_device(tvm, target, artifact_dir)
-    if target.get("device") == "metal" and tvm_target.get("kind") == "metal":
-        dev = metal_device(tvm, target, artifact_dir)  # first: elsewhere than a Mac, the host code is foreign too
-        _check_host_cpu(tvm, tvm_target.get("host") or {}, artifact_dir)
         return dev
     if target.get("device") != "cpu" or tvm_target.get("kind") != "llvm":
         raise ArtifactError(
             f"{artifact_dir} was built for target {target.get('name')!r} "
-            f"(device {target.get('device')!r}); this runtime runs CPU, CUDA, ROCm and Metal artifacts only",
+            f"(device {target.get('device')!r}); this runtime runs artifacts for the CPU and "
+            f"{', '.join(GPU_DEVICES)} only",
             hint="rebuild it with `llmopt build ... --target cpu`",
             path=artifact_dir,
         )
