@@ -61,7 +61,9 @@ def optimize(module: Module, options: BuildOptions, report: BuildReport | None =
     passes = build_pipeline(options.pipeline)
     if options.prune:  # placed where quantization goes, so a quantization pass added below comes after it
         from .passes.prune import pruning_pass
-        passes = with_quantization(passes, pruning_pass(options.prune, options.calibration))
+        prune_pass = pruning_pass(options.prune, options.calibration)
+        passes = (before_fusion(passes, prune_pass) if getattr(prune_pass, "before_fusion", False)
+                  else with_quantization(passes, prune_pass))
     if options.lowrank:  # likewise, after any pruning
         from .passes.lowrank import lowrank_pass
         passes = with_quantization(passes, lowrank_pass(options.lowrank, options.calibration))
@@ -114,6 +116,13 @@ def with_quantization(passes: list, quant_pass) -> list:
     at = names.index("cse") if "cse" in names else len(passes)
     passes = passes[:at] + [quant_pass] + passes[at:]
     return passes if "dce" in names[at:] else passes + [DeadCodeElimination()]
+
+
+def before_fusion(passes: list, shape_pass) -> list:
+    """``passes`` with ``shape_pass`` (one that changes the model's shapes, e.g. structured pruning)
+    first, and a ``dce`` at the end (if none) so the weights it replaced are not stored."""
+    from .passes.dce import DeadCodeElimination
+    return [shape_pass] + passes + ([] if "dce" in [p.name for p in passes] else [DeadCodeElimination()])
 
 
 def _input_hashes(module: Module) -> dict[str, str]:

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from llmopt.runtime.speed import measure_in_child
+from llmopt.runtime.speed import interleaved_rounds
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kv_cache_smollm2"
 TEXT = Path("/work/shared/data/austen/persuasion.txt")
@@ -105,19 +104,9 @@ def speed(paths: dict[str, Path], long_prompt: int, decode_tokens: int, rounds: 
     from llmopt.runtime import load
 
     ids = text_ids(load(paths["f32"]).tokenizer, long_prompt)
-    runs: dict[str, list[dict]] = {name: [] for name in paths}
-    for round_ in range(rounds):
-        for name in (list(paths) if round_ % 2 == 0 else list(paths)[::-1]):
-            result = measure_in_child(paths[name], ids, decode_tokens, repeats, threads=1)
-            runs[name].append(result)
-            print(f"round {round_ + 1} {name}: decode {result['decode_tok_s']:.2f} tok/s, "
-                  f"prefill {result['prefill_tok_s']:.1f} tok/s", flush=True)
-    return {name: {"decode_tok_s": statistics.median(r["decode_tok_s"] for r in rs),
-                   "prefill_tok_s": statistics.median(r["prefill_tok_s"] for r in rs),
-                   "decode_tok_s_rounds": [r["decode_tok_s"] for r in rs],
-                   "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in rs)}
-            for name, rs in runs.items()} | {"prompt_tokens": long_prompt, "decode_tokens": decode_tokens,
-                                               "threads": 1, "rounds": rounds, "repeats_per_round": repeats}
+    runs = interleaved_rounds(paths, ids, decode_tokens, rounds, repeats, log=lambda line: print(line, flush=True))
+    return runs | {"prompt_tokens": long_prompt, "decode_tokens": decode_tokens, "threads": 1, "rounds": rounds,
+                   "repeats_per_round": repeats}
 
 
 def markdown(result: dict) -> str:

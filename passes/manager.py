@@ -21,7 +21,7 @@ from .fold_constants import FoldConstants
 from .fuse_linears import FuseLinears
 from .instruments import Instrument
 from .lowrank import LowRankASVD, LowRankSVD
-from .prune import PruneMagnitude, PruneSparseGPT, PruneWanda
+from .prune import PruneMagnitude, PruneSparseGPT, PruneStructured, PruneWanda
 from .quant.awq import QuantizeAWQ
 from .quant.gptq import QuantizeGPTQ
 from .quant.kv_cache import QuantizeKVCache
@@ -32,7 +32,7 @@ PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (
     DeadCodeElimination, CommonSubexpressionElimination, FoldConstants, FuseLinears, QuantizeRTN, QuantizeGPTQ,
     QuantizeKVCache, QuantizeAWQ)}
 PASSES[SmoothQuant.name] = SmoothQuant
-PASSES.update({cls.name: cls for cls in (PruneMagnitude, PruneWanda, PruneSparseGPT)})
+PASSES.update({cls.name: cls for cls in (PruneMagnitude, PruneWanda, PruneSparseGPT, PruneStructured)})
 PASSES.update({cls.name: cls for cls in (LowRankSVD, LowRankASVD)})
 
 PIPELINES: dict[str, list[str]] = {

@@ -39,16 +39,30 @@ class WeightInfo:
 class KVCacheInfo:
     """The functional KV cache: per layer the tensors named in `tensors` (`{i}` is the layer), in
     the entry points' order; by default a k and a v of `dtype` [1, len, kv_heads, head_dim]. An int8
-    cache (`quantize-kv-cache`) holds k.{i}, k.{i}.scale, v.{i}, v.{i}.scale: codes and f32 scales."""
+    cache (`quantize-kv-cache`) holds k.{i}, k.{i}.scale, v.{i}, v.{i}.scale: codes and f32 scales.
+    After structured pruning layers may differ: `layer_kv_heads` lists each layer's kv heads (empty:
+    all have `kv_heads`, which is then their maximum)."""
 
     layers: int
     kv_heads: int
     head_dim: int
     dtype: str
     tensors: tuple[str, ...] = ("k.{i}", "v.{i}")
+    layer_kv_heads: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tensors", tuple(self.tensors))
+        object.__setattr__(self, "layer_kv_heads", tuple(int(h) for h in self.layer_kv_heads))
+        if self.layer_kv_heads and len(self.layer_kv_heads) != self.layers:
+            raise TypeError(f"kv_cache lists {len(self.layer_kv_heads)} layer_kv_heads for {self.layers} layers")
+
+    def kv_heads_of(self, layer: int) -> int:
+        """The kv heads of `layer`'s cache."""
+        return self.layer_kv_heads[layer] if self.layer_kv_heads else self.kv_heads
+
+    def total_kv_heads(self) -> int:
+        """The kv heads of all layers together (cache elements per token = 2 * this * head_dim)."""
+        return sum(self.kv_heads_of(i) for i in range(self.layers))
 
     def names(self) -> list[str]:
         """Every cache tensor, layer by layer (`k.0`, `v.0`, `k.1`, ...): the entry points' order."""

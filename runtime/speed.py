@@ -124,6 +124,27 @@ def measure_in_child(artifact: str | Path, ids: list[int], decode_tokens: int, r
                       "--decode-tokens", str(decode_tokens), "--repeats", str(repeats)], threads)
 
 
+def interleaved_rounds(paths: dict[str, str | Path], ids: list[int], decode_tokens: int, rounds: int,
+                       repeats: int, threads: int = 1, log=print) -> dict[str, dict]:
+    """Time every artifact of ``paths`` in ``rounds`` rounds, each artifact once per round in its own
+    child (``measure_in_child``), the order reversed every other round so that drifting load falls
+    on all alike. Per name: the medians over rounds of decode and prefill tok/s and peak RSS, and
+    each round's tok/s (``decode_tok_s_rounds``, ``prefill_tok_s_rounds``) for paired ratios."""
+    runs: dict[str, list[dict]] = {name: [] for name in paths}
+    for round_ in range(rounds):
+        for name in (list(paths) if round_ % 2 == 0 else list(paths)[::-1]):
+            result = measure_in_child(paths[name], ids, decode_tokens, repeats, threads)
+            runs[name].append(result)
+            log(f"round {round_ + 1} {name}: decode {result['decode_tok_s']:.2f} tok/s, "
+                f"prefill {result['prefill_tok_s']:.1f} tok/s")
+    return {name: {"decode_tok_s": statistics.median(r["decode_tok_s"] for r in rs),
+                   "prefill_tok_s": statistics.median(r["prefill_tok_s"] for r in rs),
+                   "decode_tok_s_rounds": [r["decode_tok_s"] for r in rs],
+                   "prefill_tok_s_rounds": [r["prefill_tok_s"] for r in rs],
+                   "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in rs)}
+            for name, rs in runs.items()}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Time an artifact's prefill and decode (a measuring child).")
     parser.add_argument("artifact")
