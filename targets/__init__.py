@@ -1,5 +1,6 @@
 """The target registry: ``targets/<name>.py`` defines ``TARGET``; ``get_target(name)`` finds it
-(cpu.py: this machine's CPU; cuda.py: NVIDIA GPUs, kernels precompiled into a multi-arch fatbin)."""
+(cpu.py: this machine's CPU; cuda.py, rocm.py, metal.py, webgpu.py: GPUs). ``base.py`` and ``gpu.py``
+(what the GPU targets share) are not targets."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import pkgutil
 
 from .base import TargetSpec, UnknownTargetError, check_arch, requested_archs
 
+_NOT_TARGETS = {"base", "gpu"}
+
 
 def target_names() -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name != "base")
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _NOT_TARGETS)
 
 
 def get_target(name: str) -> TargetSpec:

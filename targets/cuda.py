@@ -15,6 +15,7 @@ scheduled by TVM's dlight GPU rules. Weights stay in the IR's layout.
 
 from __future__ import annotations
 
+from . import gpu
 from .base import TargetSpec, requested_archs
 
 ARCHS = ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120")
@@ -31,27 +32,6 @@ def cuda_target(arch: str | None) -> dict:
     """TVM's target: the lowest requested arch (code valid for all of them), an x86-64 Linux host."""
     lowest = min(_archs(arch), key=lambda a: int(a.removeprefix("sm_")))
     return {"kind": "cuda", "arch": lowest, "max_shared_memory_per_block": SHARED_MEMORY, "host": dict(HOST)}
-
-
-def _schedule_rules():
-    from tvm.s_tir import dlight
-    return [dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(), dlight.gpu.GeneralReduction(),
-            dlight.gpu.Fallback()]
-
-
-def _emit_linear(bb, x, w, bias, out_features=None):
-    from ..codegen.kernels.gpu_linear import emit_linear
-    return emit_linear(bb, x, w, bias, out_features)
-
-
-def _emit_quant_linear(bb, x, packed, scales, zeros, bias, scheme, out_features, in_features):
-    from ..codegen.kernels.gpu_linear import emit_quant_linear
-    return emit_quant_linear(bb, x, packed, scales, zeros, bias, scheme, out_features, in_features)
-
-
-def _quant_linear_supports(scheme, out_features, in_features):
-    from ..codegen.kernels.gpu_linear import supports_quant_linear
-    return supports_quant_linear(scheme, out_features, in_features)
 
 
 def _check_toolchain(arch: str | None) -> None:
@@ -72,10 +52,10 @@ TARGET = TargetSpec(
     tvm_target=cuda_target,
     device_needs="an NVIDIA GPU of a built arch with its driver, R580 or newer (CUDA 13), and the TVM runtime "
                  "(pip install apache-tvm, whose libtvm_runtime_cuda loads the fatbin; no CUDA toolkit)",
-    emit_linear=_emit_linear,
-    schedule_rules=_schedule_rules,
-    emit_quant_linear=_emit_quant_linear,
-    quant_linear_supports=_quant_linear_supports,
+    emit_linear=gpu.emit_linear,
+    schedule_rules=gpu.schedule_rules,
+    emit_quant_linear=gpu.emit_quant_linear,
+    quant_linear_supports=gpu.quant_linear_supports,
     arch_help=f"{', '.join(ARCHS)}; several comma-separated, e.g. sm_80,sm_90 (default: {','.join(DEFAULT_ARCHS)}); "
               "a GPU runs SASS of its major version and a lower minor (sm_80 covers sm_86 and sm_89)",
     build_needs="nvcc (pip install nvidia-cuda-nvcc, or the CUDA toolkit) and gcc; no GPU",

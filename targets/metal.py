@@ -10,8 +10,8 @@ linears), scheduled by TVM's dlight GPU rules (the Matmul rule uses simdgroup ma
 
 from __future__ import annotations
 
+from . import gpu
 from .base import TargetSpec
-from .cuda import _emit_linear, _emit_quant_linear, _quant_linear_supports, _schedule_rules
 
 ARCHS = ("m1", "m2", "m3", "m4")
 # TVM's apple/m1-gpu tag (every Apple silicon GPU): 32-wide SIMD groups, 32 KiB threadgroup memory
@@ -49,10 +49,10 @@ TARGET = TargetSpec(
     device_needs="a Mac with Apple silicon (arm64 macOS 11 or later) and the TVM runtime for macOS "
                  "(pip install apache-tvm==0.27.0.post1 'apache-tvm-ffi<0.1.15', whose Metal runtime compiles "
                  "the kernels at load); no Xcode",
-    emit_linear=_emit_linear,
-    schedule_rules=_schedule_rules,
-    emit_quant_linear=_emit_quant_linear,
-    quant_linear_supports=_quant_linear_supports,
+    emit_linear=gpu.emit_linear,
+    schedule_rules=gpu.schedule_rules,
+    emit_quant_linear=gpu.emit_quant_linear,
+    quant_linear_supports=gpu.quant_linear_supports,
     archs=ARCHS,
     default_archs=("m1",),
     arch_help="m1, m2, m3, m4: the CPU of the host code (default m1, which every Apple silicon Mac runs); "

@@ -13,8 +13,8 @@ The build needs Debian's rocm-device-libs (or a ROCm install) and an ld.lld of L
 
 from __future__ import annotations
 
+from . import gpu
 from .base import TargetSpec, requested_archs
-from .cuda import _emit_linear, _emit_quant_linear, _quant_linear_supports, _schedule_rules
 
 ARCHS = ("gfx908", "gfx90a", "gfx942", "gfx1030", "gfx1100")  # MI100, MI200, MI300; RDNA2, RDNA3 (RX 7900)
 DEFAULT_ARCHS = ("gfx90a", "gfx942")
@@ -53,10 +53,10 @@ TARGET = TargetSpec(
     device_needs="an AMD GPU of a built arch with ROCm (its runtime must load AMDGPU code object v6) and a TVM "
                  "runtime built with ROCm (USE_ROCM=ON, TVM 0.27; the PyPI apache-tvm wheel for Linux has no ROCm "
                  "runtime); no compiler",
-    emit_linear=_emit_linear,
-    schedule_rules=_schedule_rules,
-    emit_quant_linear=_emit_quant_linear,
-    quant_linear_supports=_quant_linear_supports,
+    emit_linear=gpu.emit_linear,
+    schedule_rules=gpu.schedule_rules,
+    emit_quant_linear=gpu.emit_quant_linear,
+    quant_linear_supports=gpu.quant_linear_supports,
     arch_help=f"{', '.join(ARCHS)}; several comma-separated, e.g. gfx90a,gfx942 (default: {','.join(DEFAULT_ARCHS)}); "
               "a code object runs only on its own arch",
     build_needs="the ROCm device libraries (apt-get install rocm-device-libs), an ld.lld of LLVM 22 or newer "

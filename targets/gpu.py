@@ -1,0 +1,26 @@
+"""What the GPU targets (cuda, rocm, metal, webgpu) share: their linear kernels and dlight schedule
+rules, imported lazily so that listing targets imports no TVM."""
+
+from __future__ import annotations
+
+
+def emit_linear(bb, x, w, bias, out_features=None):
+    from ..codegen.kernels.gpu_linear import emit_linear as emit
+    return emit(bb, x, w, bias, out_features)
+
+
+def emit_quant_linear(bb, x, packed, scales, zeros, bias, scheme, out_features, in_features):
+    from ..codegen.kernels.gpu_linear import emit_quant_linear as emit
+    return emit(bb, x, packed, scales, zeros, bias, scheme, out_features, in_features)
+
+
+def quant_linear_supports(scheme, out_features, in_features):
+    from ..codegen.kernels.gpu_linear import supports_quant_linear
+    return supports_quant_linear(scheme, out_features, in_features)
+
+
+def schedule_rules():
+    """dlight's GPU rules: tiled matmuls (prefill), GEMV (decode), reductions, and a fallback."""
+    from tvm.s_tir import dlight
+    return [dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(), dlight.gpu.GeneralReduction(),
+            dlight.gpu.Fallback()]
