@@ -19,7 +19,9 @@ from typing import Any
 
 from .errors import ArtifactError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: decode takes the KV cache in capacity buffers and writes its row in place (1: returned a longer
+copy); a runtime must not run a library of the other convention."""
 MANIFEST_NAME = "manifest.json"
 
 _REBUILD = "rebuild the artifact with `llmopt build ... -o DIR` (or copy it again)"
