@@ -122,7 +122,7 @@ def decode_bytes(artifact: Path, mean_context: int) -> int:
         size = np.dtype(w.dtype).itemsize * math.prod(w.shape)
         total += size // w.shape[0] if "embed_tokens" in w.name else size
     kv = manifest.kv_cache
-    return total + 2 * kv.layers * kv.kv_heads * kv.head_dim * mean_context * 4
+    return total + 2 * kv.total_kv_heads() * kv.head_dim * mean_context * 4
 
 
 def _systems(args, hf_folder: Path, folder: Path) -> list[tuple[str, str, str]]:

@@ -220,6 +220,14 @@ def _check_target(tvm: Any, manifest: Manifest, device: str | None, artifact_dir
         dev = gpu_device(tvm, target, artifact_dir)  # first: off its device, the host code may be foreign too
         _check_host_cpu(tvm, tvm_target.get("host") or {}, artifact_dir)  # the host code's architecture
         return dev
+    if target.get("device") == "webgpu":
+        raise ArtifactError(
+            f"{artifact_dir} was built for target 'webgpu': it runs in a web browser, not in this runtime",
+            hint=f"serve the folder (python -m http.server -d {artifact_dir} 8000) and open "
+            "http://localhost:8000/web/index.html?ids=1,2,3 in a browser with WebGPU (see web/README.md), "
+            "or rebuild it with `llmopt build ... --target cpu`",
+            path=artifact_dir,
+        )
     if target.get("device") != "cpu" or tvm_target.get("kind") != "llvm":
         raise ArtifactError(
             f"{artifact_dir} was built for target {target.get('name')!r} "

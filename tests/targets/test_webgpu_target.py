@@ -174,8 +174,9 @@ def test_page_files_are_llmopts(builds):
 
 def test_loading_here_refuses_with_what_to_do(builds):
     _, out, _ = builds
-    with pytest.raises(ArtifactError, match="target 'webgpu'"):
+    with pytest.raises(ArtifactError, match="target 'webgpu': it runs in a web browser") as refused:
         load(out)
+    assert "web/index.html" in str(refused.value) and "http.server" in str(refused.value)
 
 
 def run_in_chromium(artifact: Path, ids: list[int], steps: int, timeout: int) -> dict:
