@@ -20,11 +20,12 @@ each library's assembly. ``TVM_NUM_THREADS`` is set from ``--threads`` before TV
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
 from pathlib import Path
+
+from results_files import write_results
 
 SHAPES = [(576, 576), (960, 576), (3072, 576), (576, 1536)]
 ROWS = [1, 128]
@@ -161,9 +162,7 @@ def main() -> None:
     results = measure(args.threads, args.rounds)
     lines = header + [_row(r) for r in results] + ["", *_speedups(results)]
     print("\n".join(lines[len(header) + len(results):]))
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    RESULTS.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(RESULTS, results, "\n".join(lines), indent=1)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from llmopt.runtime.speed import interleaved_rounds
+from results_files import write_results
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kv_cache_smollm2"
 TEXT = Path("/work/shared/data/austen/persuasion.txt")
@@ -148,10 +149,8 @@ def main() -> None:
         paths = build_artifacts({"f32": args.f32, "int8": args.int8}, workdir)
         result = {"accuracy": accuracy(paths, args.prompts, args.prompt_tokens, args.new_tokens),
                   "speed": speed(paths, args.long_prompt, args.decode_tokens, args.rounds, args.repeats)}
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    RESULTS.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
+    write_results(RESULTS, result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ set up. Writes ``bench/results/cpu_quant_peers.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -37,6 +36,7 @@ import peers
 from bench_cpu import _hf_folder, _machine, _prompt_ids
 
 from llmopt.runtime.speed import artifact_steps, peak_rss_mib, print_result, run_child, time_generation
+from results_files import write_results
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cpu_quant_peers"
 CACHE = Path(os.environ.get("LLMOPT_CACHE", Path.home() / ".cache" / "llmopt")) / "peers"
@@ -257,11 +257,8 @@ def main(argv=None) -> None:
               "missing_peers": [p for p in ("ortgenai-int4", "llamacpp-Q4_0", "llamacpp-Q8_0") if p not in have],
               "summary": _summary(runs, systems, args.threads, bandwidth, bounds), "runs": runs,
               "load_average_at_end": os.getloadavg()[0]}
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    RESULTS.with_suffix(".md").write_text(_markdown(report))
     print(_markdown(report))
-    print(f"wrote {RESULTS}.json and .md")
+    write_results(RESULTS, report, _markdown(report))
 
 
 if __name__ == "__main__":

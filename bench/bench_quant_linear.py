@@ -34,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 
+from results_files import write_results
+
 SHAPES = [(576, 576), (960, 576), (3072, 576), (576, 1536), (49152, 576)]
 ROWS = [1, 128]
 VARIANTS = ("fused", "f32", "unfused")
@@ -224,11 +226,7 @@ def main() -> None:
             sys.exit(proc.returncode)
     lines.append(f"\nload average after: {os.getloadavg()[0]:.2f}")
     out = RESULTS.with_name(RESULTS.name + ("_cold" if args.cold else ""))
-    out.parent.mkdir(exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"scheme": args.scheme, "cold": args.cold, "results": results},
-                                                   indent=2) + "\n")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out}.json and .md")
+    write_results(out, {"scheme": args.scheme, "cold": args.cold, "results": results}, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from results_files import write_results
+
 RESULTS = Path(__file__).resolve().parent / "results" / "structured_prune_smollm2"
 TEXT = Path("/work/shared/data/austen/persuasion.txt")
 METHODS = {"dense": None, "flap": "flap:0.2", "wanda-sp": "wanda-sp:0.2"}
@@ -179,10 +181,8 @@ def main() -> None:
                   "speed": speed(paths, args.prompt, args.decode_tokens, args.rounds, args.repeats),
                   "published_llama7b_wikitext2": {**PUBLISHED, "source": PUBLISHED_SOURCE}}
     setup["load_after"] = os.getloadavg()
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    RESULTS.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
+    write_results(RESULTS, result, markdown(result))
 
 
 if __name__ == "__main__":
