@@ -38,7 +38,7 @@ WEB_DIR = Path(__file__).resolve().parent.parent / "web"  # llmopt's web/ folder
 SHIMS = WEB_DIR / "runtime" / "shims"
 RPC_STUB = WEB_DIR / "runtime" / "rpc_stub.cc"
 TVMJS_BUNDLE = WEB_DIR / "node_modules" / "@mlc-ai" / "web-runtime" / "lib" / "index.js"
-PAGE_FILES = ("index.html", "llmopt_webgpu.js")  # web/page/ files copied into every artifact
+PAGE_FILES = ("index.html", "llmopt_webgpu.js", "llmopt_tokenizer.js")  # web/page/ files copied into every artifact
 
 # TVM's runtime pack without RPC (its RPC sources need support headers the wheel lacks)
 _RPC_SOURCES = ("rpc_channel.cc", "rpc_endpoint.cc", "rpc_event_impl.cc", "rpc_module.cc")

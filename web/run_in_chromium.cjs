@@ -2,7 +2,7 @@
 /*
  * Run an llmopt WebGPU artifact in headless Chromium and print what its page computed, as JSON.
  *
- *   node web/run_in_chromium.cjs --artifact DIR --ids 1,17,99 --steps 8 [--logits] [--timeout 600] [--verbose]
+ *   node web/run_in_chromium.cjs --artifact DIR (--ids 1,17,99 | --prompt TEXT) --steps 8 [--logits] [--timeout 600] [--verbose]
  *        [--chromium /usr/bin/chromium] [--screenshot out.png]
  *
  * Serves DIR on 127.0.0.1 (a free port), opens DIR/web/index.html in Chromium with WebGPU on
@@ -32,8 +32,8 @@ function parseArgs(argv) {
     if (key === "logits" || key === "verbose") args[key] = true;
     else args[key] = argv[++i];
   }
-  if (!args.artifact || !args.ids) {
-    throw new Error("usage: run_in_chromium.cjs --artifact DIR --ids 1,2,3 [--steps N] [--logits]");
+  if (!args.artifact || !(args.ids || args.prompt)) {
+    throw new Error("usage: run_in_chromium.cjs --artifact DIR (--ids 1,2,3 | --prompt TEXT) [--steps N] [--logits]");
   }
   return args;
 }
@@ -71,7 +71,8 @@ async function main() {
       if (args.verbose) process.stderr.write(`${lines[lines.length - 1]}\n`);
     });
     page.on("pageerror", (err) => lines.push(`pageerror: ${err.message}`));
-    const query = new URLSearchParams({ ids: args.ids, steps: args.steps, ...(args.logits ? { logits: "1" } : {}) });
+    const query = new URLSearchParams({ ...(args.prompt ? { prompt: args.prompt } : { ids: args.ids }), steps: args.steps,
+                                        ...(args.logits ? { logits: "1" } : {}) });
     const url = `http://127.0.0.1:${server.address().port}/web/index.html?${query}`;
     await page.goto(url);
     await page.waitForFunction("window.llmoptResult !== undefined", { timeout: Number(args.timeout) * 1000,

@@ -179,9 +179,11 @@ def test_loading_here_refuses_with_what_to_do(builds):
     assert "web/index.html" in str(refused.value) and "http.server" in str(refused.value)
 
 
-def run_in_chromium(artifact: Path, ids: list[int], steps: int, timeout: int) -> dict:
-    """What the artifact's page computed in headless Chromium: tokens, every step's logits, timings."""
-    command = ["node", str(DRIVER), "--artifact", str(artifact), "--ids", ",".join(map(str, ids)),
+def run_in_chromium(artifact: Path, ids: list[int] | None, steps: int, timeout: int, prompt: str | None = None) -> dict:
+    """What the artifact's page computed in headless Chromium from prompt ``ids`` (or the text ``prompt``,
+    tokenized by the page): ids, tokens, text, every step's logits, timings."""
+    given = ["--prompt", prompt] if prompt is not None else ["--ids", ",".join(map(str, ids))]
+    command = ["node", str(DRIVER), "--artifact", str(artifact), *given,
                "--steps", str(steps), "--logits", "--timeout", str(timeout)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout + 120)
     assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
@@ -228,9 +230,12 @@ def test_smollm2_w4g32_in_chromium_matches_the_cpu_artifact(tmp_path):
     build(folder, tmp_path / "webgpu", BuildOptions(target="webgpu", quant="w4g32"))
     build(folder, tmp_path / "cpu", BuildOptions(quant="w4g32"))
     cpu = load(tmp_path / "cpu")
-    ids = cpu.tokenizer.encode("The capital of France is")
-    result = run_in_chromium(tmp_path / "webgpu", ids, steps=3, timeout=900)
+    prompt = "The capital of France is"
+    ids = cpu.tokenizer.encode(prompt)
+    result = run_in_chromium(tmp_path / "webgpu", None, steps=3, timeout=900, prompt=prompt)
+    assert result["ids"] == ids  # the page's tokenizer (web/page/llmopt_tokenizer.js) agrees with tokenizers
     assert_matches_cpu(result, cpu, ids, steps=3, atol=SMOLLM2_ATOL)
+    assert result["text"] == cpu.tokenizer.decode(result["tokens"], skip_special_tokens=False)
 
 
 def _no_model_work(monkeypatch):
