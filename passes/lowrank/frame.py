@@ -40,7 +40,7 @@ from ...errors import LLMOptError
 from ...ir.graph import Module, Node
 from ..base import Pass, PassResult
 from ..prune.levels import Level, PruneRules
-from ..quant.calibration import DEFAULT_CALIBRATION_TEXT, calibration_tokens, stream_linears
+from ..quant.calibration import Calibrated, stream_linears
 from ..quant.rewrite import linear_weights
 from .allocation import ALLOCATIONS, Target, energy_ranks, uniform_ranks
 from .factorize import factorize_linears
@@ -134,15 +134,7 @@ class LowRank(Pass):
 
 
 @dataclass(frozen=True)
-class CalibratedLowRank(LowRank):
-    calibration: str = str(DEFAULT_CALIBRATION_TEXT)
-    samples: int = 32
-    seq_len: int = 256
-    seed: int = 0
-
-    def apply(self, module: Module) -> PassResult:
-        tokens = calibration_tokens(module, self.calibration, self.samples, self.seq_len, self.seed)
-        return self.apply_with_tokens(module, tokens)
+class CalibratedLowRank(Calibrated, LowRank):
 
     def calibrated_spectra(self, module: Module, tokens: np.ndarray, targets: list[Target]) -> dict[str, np.ndarray]:
         """Each target's ``spectrum`` on the unchanged model's inputs (without inputs where never reached)."""

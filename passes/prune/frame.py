@@ -26,7 +26,7 @@ import numpy as np
 
 from ...ir.graph import Module, Node
 from ..base import Pass, PassResult
-from ..quant.calibration import DEFAULT_CALIBRATION_TEXT, calibration_tokens, stream_linears
+from ..quant.calibration import Calibrated, stream_linears
 from .levels import Level, PruneRules, pass_level
 from .masks import keep_mask
 from .replace import replace_linear_weights
@@ -81,15 +81,7 @@ def magnitude_pruned(w: np.ndarray, level: Level, scope: str = "row") -> np.ndar
 
 
 @dataclass(frozen=True)
-class CalibratedPruning(Pruning):
-    calibration: str = str(DEFAULT_CALIBRATION_TEXT)
-    samples: int = 32
-    seq_len: int = 256
-    seed: int = 0
-
-    def apply(self, module: Module) -> PassResult:
-        tokens = calibration_tokens(module, self.calibration, self.samples, self.seq_len, self.seed)
-        return self.apply_with_tokens(module, tokens)
+class CalibratedPruning(Calibrated, Pruning):
 
     def calibrate(self, module: Module, tokens: np.ndarray) -> dict[tuple[str, str], np.ndarray]:
         """Stream ``tokens`` through ``module``: ``prune_weight``'s result for each (weight name,

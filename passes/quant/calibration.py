@@ -31,6 +31,7 @@ from ...ir.graph import Module, Node
 from ...ir.interp import bind_symbols
 from ...ir.ops import OPS
 from ...ir.types import DTYPES
+from ..base import Pass, PassResult
 from .rewrite import linear_weights
 
 DEFAULT_CALIBRATION_TEXT = (Path(__file__).resolve().parents[3] / "shared" / "data" / "austen"
@@ -162,3 +163,22 @@ def stream_linears(module: Module, tokens: np.ndarray, visit: Visit, entry: str 
                 for sample in values:
                     sample.pop(name, None)
     return StreamMemory(peak[0], peak[1], _process_peak_rss_bytes())
+
+
+@dataclass(frozen=True)
+class Calibrated(Pass):
+    """The options every calibrated pass takes (the text, samples x seq_len tokens, the seed) and its
+    ``apply``: tokenize the calibration text, then ``apply_with_tokens``. Put it first among the
+    bases (``class CalibratedPruning(Calibrated, Pruning)``) so its fields come after the method's."""
+
+    calibration: str = str(DEFAULT_CALIBRATION_TEXT)
+    samples: int = 32
+    seq_len: int = 256
+    seed: int = 0
+
+    def apply(self, module: Module) -> PassResult:
+        tokens = calibration_tokens(module, self.calibration, self.samples, self.seq_len, self.seed)
+        return self.apply_with_tokens(module, tokens)
+
+    def apply_with_tokens(self, module: Module, tokens: np.ndarray) -> PassResult:
+        raise NotImplementedError(f"{type(self).__name__} does not implement apply_with_tokens()")
