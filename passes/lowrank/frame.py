@@ -40,7 +40,7 @@ from ...errors import LLMOptError
 from ...ir.graph import Module, Node
 from ..base import Pass, PassResult
 from ..prune.levels import Level, PruneRules
-from ..quant.calibration import Calibrated, stream_linears
+from ..quant.calibration import CalibratedPass, stream_linears
 from ..quant.rewrite import linear_weights
 from .allocation import ALLOCATIONS, Target, energy_ranks, uniform_ranks
 from .factorize import factorize_linears
@@ -134,7 +134,7 @@ class LowRank(Pass):
 
 
 @dataclass(frozen=True)
-class CalibratedLowRank(Calibrated, LowRank):
+class CalibratedLowRank(CalibratedPass, LowRank):
 
     def calibrated_spectra(self, module: Module, tokens: np.ndarray, targets: list[Target]) -> dict[str, np.ndarray]:
         """Each target's ``spectrum`` on the unchanged model's inputs (without inputs where never reached)."""

@@ -26,7 +26,7 @@ import numpy as np
 
 from ...ir.graph import Module, Node
 from ..base import Pass, PassResult
-from ..quant.calibration import Calibrated, stream_linears
+from ..quant.calibration import CalibratedPass, stream_linears
 from .levels import Level, PruneRules, pass_level
 from .masks import keep_mask
 from .replace import replace_linear_weights
@@ -81,7 +81,7 @@ def magnitude_pruned(w: np.ndarray, level: Level, scope: str = "row") -> np.ndar
 
 
 @dataclass(frozen=True)
-class CalibratedPruning(Calibrated, Pruning):
+class CalibratedPruning(CalibratedPass, Pruning):
 
     def calibrate(self, module: Module, tokens: np.ndarray) -> dict[tuple[str, str], np.ndarray]:
         """Stream ``tokens`` through ``module``: ``prune_weight``'s result for each (weight name,

@@ -26,7 +26,7 @@ import numpy as np
 from ...ir.graph import Module, Node
 from ...ir.quant_schemes import QuantizedWeight, Scheme
 from ..base import Pass, PassResult
-from .calibration import DEFAULT_CALIBRATION_TEXT, StreamMemory, calibration_tokens, stream_linears
+from .calibration import CalibratedPass, StreamMemory, stream_linears
 from .rewrite import LayerRules, quantize_linears
 
 
@@ -45,13 +45,15 @@ def memory_stats(memory: StreamMemory) -> dict[str, int]:
 
 
 @dataclass(frozen=True)
-class CalibratedQuantization(Pass):
+class QuantizationOptions(Pass):
+    """What every weight-quantization pass is asked for: the scheme and the per-layer rules."""
+
     scheme: str = "w4g128"
     rules: str = "lm_head=skip"
-    calibration: str = str(DEFAULT_CALIBRATION_TEXT)
-    samples: int = 32
-    seq_len: int = 256
-    seed: int = 0
+
+
+@dataclass(frozen=True)
+class CalibratedQuantization(CalibratedPass, QuantizationOptions):
 
     def quantize_weight(self, w: np.ndarray, inputs: list[np.ndarray], scheme: Scheme) -> QuantizedWeight:
         raise NotImplementedError(f"{type(self).__name__} does not implement quantize_weight()")
@@ -60,10 +62,6 @@ class CalibratedQuantization(Pass):
         """What the rewritten graph multiplies by, in the ``[N, K]`` frame of the original weight
         (methods that also rescale the input override this); later layers calibrate on it."""
         return scheme.dequantize(quantized)
-
-    def apply(self, module: Module) -> PassResult:
-        tokens = calibration_tokens(module, self.calibration, self.samples, self.seq_len, self.seed)
-        return self.apply_with_tokens(module, tokens)
 
     def scheme_of(self, linear: Node, weight: Node) -> Scheme | None:
         """The scheme ``rules`` give ``linear`` reading ``weight`` (None: it stays float)."""

@@ -166,10 +166,10 @@ def stream_linears(module: Module, tokens: np.ndarray, visit: Visit, entry: str 
 
 
 @dataclass(frozen=True)
-class Calibrated(Pass):
+class CalibratedPass(Pass):
     """The options every calibrated pass takes (the text, samples x seq_len tokens, the seed) and its
     ``apply``: tokenize the calibration text, then ``apply_with_tokens``. Put it first among the
-    bases (``class CalibratedPruning(Calibrated, Pruning)``) so its fields come after the method's."""
+    bases (``class CalibratedPruning(CalibratedPass, Pruning)``) so its fields come after the method's."""
 
     calibration: str = str(DEFAULT_CALIBRATION_TEXT)
     samples: int = 32
