@@ -42,11 +42,12 @@ def cli():
 
 
 def _build_options(target, arch, pipeline, disable_pass, dump_dir, verify, quant=None, quant_rules=None,
-                   calibration=(), bits_budget=None, prune=None, lowrank=None):
+                   calibration=(), bits_budget=None, prune=None, lowrank=None, dtype="fp32"):
     from .compiler import BuildOptions
     return BuildOptions(target=target, arch=arch, pipeline=pipeline, disabled_passes=tuple(disable_pass),
                         dump_dir=dump_dir, verify=verify, quant=quant, quant_rules=quant_rules,
-                        calibration=tuple(calibration), bits_budget=bits_budget, prune=prune, lowrank=lowrank)
+                        calibration=tuple(calibration), bits_budget=bits_budget, prune=prune, lowrank=lowrank,
+                        dtype=dtype)
 
 
 def _key_values(items, option: str) -> tuple[tuple[str, str], ...]:
@@ -70,6 +71,8 @@ _disable_option = click.option("--disable-pass", multiple=True, metavar="NAME", 
 @click.option("--arch", default=None, help="Target architecture, e.g. an LLVM CPU name for cpu, sm_80,sm_90 "
               "for cuda, gfx90a,gfx942 for rocm, m2 for metal (see llmopt targets).")
 @click.option("-o", "--out", required=True, type=click.Path(), help="Artifact directory to write.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="Float precision of weights, activations and KV cache (fp16: GPU targets; logits stay fp32).")
 @_pipeline_option
 @_disable_option
 @click.option("--dump-dir", type=click.Path(), default=None, help="Write the IR after every pass here.")
@@ -95,7 +98,7 @@ _disable_option = click.option("--disable-pass", multiple=True, metavar="NAME", 
               help="Factorize linear weights into two low-rank linears (lm_head kept) before any quantization, "
                    "removing RATIO of their parameters: METHOD svd or asvd (activation-aware, calibrates with "
                    "--calib); ALLOCATION uniform (default) or energy, e.g. asvd:0.2.")
-def build(model, target, arch, out, pipeline, disable_pass, dump_dir, verify, force, quant, quant_rules,
+def build(model, target, arch, out, dtype, pipeline, disable_pass, dump_dir, verify, force, quant, quant_rules,
           calibration, bits_budget, prune, lowrank):
     """Compile MODEL (an HF folder, a .gguf file, or 'smollm2') into an artifact directory.
 
@@ -104,6 +107,7 @@ def build(model, target, arch, out, pipeline, disable_pass, dump_dir, verify, fo
       llmopt build smollm2 --target cpu -o out/smollm2
       llmopt build smollm2 --quant w8 -o out/smollm2-w8
       llmopt build smollm2 --target cuda --arch sm_80,sm_90 -o out/smollm2-cuda
+      llmopt build smollm2 --target cuda --dtype fp16 -o out/smollm2-cuda-fp16
       llmopt build smollm2 --target rocm --arch gfx90a,gfx942 -o out/smollm2-rocm
       llmopt build smollm2 --target metal --quant w4g32 -o out/smollm2-metal
       llmopt build smollm2 --quant gptq:w4g128 --calib samples=64 -o out/smollm2-gptq
@@ -115,7 +119,7 @@ def build(model, target, arch, out, pipeline, disable_pass, dump_dir, verify, fo
     from .compiler import build as build_artifact
     console = _console()
     options = _build_options(target, arch, pipeline, disable_pass, dump_dir, verify, quant, quant_rules,
-                             _key_values(calibration, "--calib"), bits_budget, prune, lowrank)
+                             _key_values(calibration, "--calib"), bits_budget, prune, lowrank, dtype)
     with console.status("building") as status:
         manifest = build_artifact(model, out, options, force, report=lambda line: (status.update(line),
                                                                                     console.log(line)))
@@ -237,7 +241,7 @@ def list_targets():
     for name in target_names():
         spec = get_target(name)
         archs = spec.arch_help or (", ".join(spec.archs) if spec.archs else "free form")
-        click.echo(f"{name}: {spec.description}\n  --arch: {archs}\n"
+        click.echo(f"{name}: {spec.description}\n  --arch: {archs}\n  --dtype: {', '.join(spec.dtypes)}\n"
                    f"  build needs: {spec.build_needs or 'nothing beyond llmopt'}\n  device needs: {spec.device_needs}")
 
 

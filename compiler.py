@@ -32,6 +32,7 @@ class BuildOptions:
     bits_budget: float | None = None  # plan per-layer schemes for this average bits/weight (quantize-mixed)
     prune: str | None = None  # "METHOD:LEVEL" (magnitude:0.5, wanda:0.5, sparsegpt:2:4): prune, then quantize
     lowrank: str | None = None  # "METHOD:RATIO[:ALLOCATION]" (svd:0.2, asvd:0.2): factorize, then quantize
+    dtype: str = "fp32"  # "fp16": weights, activations and KV cache in f16 (half-precision, last pass)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -73,6 +74,9 @@ def optimize(module: Module, options: BuildOptions, report: BuildReport | None =
             from .passes.quant.mixed_precision import planned_quantization
             quant_pass = planned_quantization(quant_pass, options.bits_budget, options.quant_rules, options.calibration)
         passes = with_quantization(passes, quant_pass)
+    if options.dtype == "fp16":  # last: every pass before it computes in f32
+        from .passes.half_precision import HalfPrecision
+        passes = passes + [HalfPrecision()]
     manager = PassManager(passes, instruments, options.disabled_passes)
     module = manager.run(module)
     if report is not None:
@@ -162,7 +166,7 @@ def build(model, out: str | Path, options: BuildOptions = BuildOptions(), force:
     """Build ``model`` into the artifact directory ``out``; returns its Manifest."""
     from .codegen.artifact_writer import check_output_path, write_artifact
     from .codegen.build import compile_module
-    from .targets import check_arch, get_target
+    from .targets import check_arch, check_dtype, get_target
 
     spec = get_target(options.target)  # unknown targets fail before any work
     out = Path(out)
@@ -170,6 +174,7 @@ def build(model, out: str | Path, options: BuildOptions = BuildOptions(), force:
         raise LLMOptError(f"output {out} already exists.", "Pass --force to replace it, or choose another -o.")
     check_output_path(out)  # a file in the way or a folder not writable: before any work
     check_arch(spec, options.arch)  # likewise an --arch the target does not know
+    check_dtype(spec, options.dtype)  # and a --dtype it has no kernels for
     if spec.check_toolchain is not None:
         spec.check_toolchain(options.arch)  # and a missing device compiler (e.g. nvcc)
     build_report = BuildReport()

@@ -141,11 +141,18 @@ def _slice(ctx, node, args):
     return relax.op.strided_slice(args[0], axes=[axis], begin=[a["start"]], end=[a["end"]])
 
 
+def _take_last_te(x: te.Tensor, axis: int):
+    """The last entry along ``axis`` (kept, of size 1): a gather with a static result shape (a
+    strided slice gives a symbolic one that FuseOps cannot type once a cast follows)."""
+    shape = [1 if i == axis else d for i, d in enumerate(x.shape)]
+    last = x.shape[axis] - 1
+    return te.compute(shape, lambda *i: x(*[last if a == axis else v for a, v in enumerate(i)]), name="take_last")
+
+
 @lowers("take_last")
 def _take_last(ctx, node, args):
     axis = node.attr["axis"] % node.type.rank
-    size = ctx.dim(ctx.types[node.inputs[0]].shape[axis])
-    return relax.op.strided_slice(args[0], axes=[axis], begin=[size - 1], end=[size])
+    return ctx.bb.emit_te(_take_last_te, args[0], axis, primfunc_name_hint="take_last")
 
 
 @lowers("matmul")
@@ -215,9 +222,18 @@ def _embedding(ctx, node, args):
     return relax.op.take(args[1], args[0], axis=0, mode="clip")
 
 
+def widened(ctx, value):
+    """``value`` as f32 if it is f16: f16 ops compute in f32 (the IR's f16 semantics); the node's
+    result is rounded back to f16 by the lowering driver (relax_module._as_ir_dtype)."""
+    if value.ty.dtype != "float16":
+        return value
+    return ctx.bb.emit(relax.op.astype(value, "float32"))
+
+
 @lowers("rms_norm")
 def _rms_norm(ctx, node, args):
-    return relax.op.nn.rms_norm(args[0], args[1], axes=[-1], epsilon=node.attr["eps"])
+    x, weight = (widened(ctx, a) for a in args)
+    return relax.op.nn.rms_norm(x, weight, axes=[-1], epsilon=node.attr["eps"])
 
 
 @lowers("linear")
@@ -281,7 +297,7 @@ def _rope(ctx, node, args):
     if key not in ctx.memo:  # every layer's q and k share one table
         inv_freq = relax.const(rope_attrs_inv_freq(head_dim, node.attr).astype(np.float32))
         ctx.memo[key] = ctx.bb.emit_te(_rope_table_te, args[1], inv_freq, primfunc_name_hint="rope_table")
-    return ctx.bb.emit_te(_apply_rope_te, args[0], ctx.memo[key], primfunc_name_hint="rope")
+    return ctx.bb.emit_te(_apply_rope_te, widened(ctx, args[0]), ctx.memo[key], primfunc_name_hint="rope")
 
 
 def _silu_te(x: te.Tensor):
@@ -292,7 +308,7 @@ def _silu_te(x: te.Tensor):
 
 @lowers("silu")
 def _silu(ctx, node, args):
-    return ctx.bb.emit_te(_silu_te, args[0], primfunc_name_hint="silu")
+    return ctx.bb.emit_te(_silu_te, widened(ctx, args[0]), primfunc_name_hint="silu")
 
 
 def _causal_mask_te(scores: te.Tensor):
@@ -315,6 +331,7 @@ def _attention(ctx, node, args):
     bb = ctx.bb
     q, k, v = args[:3]
     pos = args[3] if len(args) == 4 else None
+    half = q.ty.dtype == "float16"  # f16 scores and probabilities would lose too much: f32
     heads, kv_heads = node.type.shape[2], ctx.types[node.inputs[1]].shape[2]
     causal = node.attr.get("causal", True)
     if ctx.emit_attention is not None:
@@ -326,13 +343,16 @@ def _attention(ctx, node, args):
     qh = bb.emit(relax.op.permute_dims(q, [0, 2, 1, 3]))
     kt = bb.emit(relax.op.permute_dims(k, [0, 2, 3, 1]))
     vh = bb.emit(relax.op.permute_dims(v, [0, 2, 1, 3]))
-    scores = bb.emit(relax.op.multiply(relax.op.matmul(qh, kt), relax.const(node.attr["scale"], "float32")))
+    scores = bb.emit(relax.op.multiply(relax.op.matmul(qh, kt, out_dtype="float32"),
+                                       relax.const(node.attr["scale"], "float32")))
     if pos is not None and causal:
         scores = bb.emit_te(_position_mask_te, scores, pos, primfunc_name_hint="position_mask")
     elif causal:
         scores = bb.emit_te(_causal_mask_te, scores, primfunc_name_hint="causal_mask")
     probs = bb.emit(relax.op.nn.softmax(scores, axis=-1))
-    return relax.op.permute_dims(relax.op.matmul(probs, vh), [0, 2, 1, 3])
+    if half:  # f16 probabilities times f16 values, summed in f32
+        probs = bb.emit(relax.op.astype(probs, "float16"))
+    return relax.op.permute_dims(relax.op.matmul(probs, vh, out_dtype="float32"), [0, 2, 1, 3])
 
 
 def unsupported(node: Node) -> str:

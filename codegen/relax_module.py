@@ -62,8 +62,17 @@ def _lower_function(bb: relax.BlockBuilder, func: Function, weights: list[tuple[
                                       "Add a lowering in codegen/lower_ops.py, or a pass that rewrites the op.")
                 expr = lower(ctx, node, [values[i] for i in node.inputs])
                 values[node.name] = expr if isinstance(expr, (relax.Var, FusedDequantize)) else bb.emit(expr)
+                values[node.name] = _as_ir_dtype(bb, values[node.name], node.type.dtype)
             result = bb.emit_output(relax.Tuple([values[v] for _, v in func.outputs]))
         bb.emit_func_output(result)
+
+
+def _as_ir_dtype(bb: relax.BlockBuilder, value, dtype: str):
+    """``value`` in the node's IR dtype: lowerings of f16 nodes may compute in f32 (the IR's f16
+    semantics, see ir/interp.py) and leave the final rounding to this cast."""
+    if isinstance(value, FusedDequantize) or value.ty.dtype == TVM_DTYPES[dtype]:
+        return value
+    return bb.emit(relax.op.astype(value, TVM_DTYPES[dtype]))
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ def run(func: Function, inputs: dict[str, np.ndarray], weights,
         if node.op == "weight":
             result = weights.get(node.attr["name"])
         else:
-            result = OPS[node.op].ref([values[i] for i in node.inputs], node.attr, env)
+            result = evaluate(node, [values[i] for i in node.inputs], env)
         result = np.asarray(result)
         expected = _concrete(node.type, env)
         if result.shape != expected or result.dtype != DTYPES[node.type.dtype]:
@@ -62,6 +62,15 @@ def run(func: Function, inputs: dict[str, np.ndarray], weights,
             if last_use.get(name) == index and name not in kept:
                 values.pop(name, None)
     return {name: values[value] for name, value in func.outputs}
+
+
+def evaluate(node: Node, args: list[np.ndarray], env: dict[str, int]) -> np.ndarray:
+    """``node``'s value from its operands. f16 is a storage type: an op reading f16 operands
+    computes in f32 and rounds its result to its own dtype (as kernels accumulating in f32 do)."""
+    if not any(arg.dtype == np.float16 for arg in args):
+        return OPS[node.op].ref(args, node.attr, env)
+    widened = [arg.astype(np.float32) if arg.dtype == np.float16 else arg for arg in args]
+    return np.asarray(OPS[node.op].ref(widened, node.attr, env)).astype(DTYPES[node.type.dtype])
 
 
 def _concrete(type: TensorType, env: dict[str, int]) -> tuple[int, ...]:
@@ -83,4 +92,4 @@ def cache_buffers(cache: dict[str, np.ndarray], capacity: int) -> dict[str, np.n
     return {name: padded(array) for name, array in cache.items()}
 
 
-__all__ = ["run", "run_module", "bind_symbols", "cache_buffers"]
+__all__ = ["run", "run_module", "evaluate", "bind_symbols", "cache_buffers"]

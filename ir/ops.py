@@ -465,16 +465,22 @@ def _infer_dequantize(types, attrs):
     if list(types) != expected:
         raise OpError(f"dequantize ({scheme.name}, [{n}, {k}]): expected operands "
                       f"{', '.join(map(str, expected))}; got {', '.join(map(str, types))}")
-    return TensorType("f32", (n, k))
+    dtype = attrs.get("dtype", "f32")
+    if dtype not in ("f32", "f16"):
+        raise OpError(f"dequantize: dtype={dtype!r} must be f32 or f16")
+    return TensorType(dtype, (n, k))
 
 
 def _dequantize_ref(args, attrs, env):
     zeros = args[2] if len(args) == 3 else None
-    return _quant_scheme(attrs).dequantize_packed(args[0], args[1], zeros, attrs["in_features"])
+    weight = _quant_scheme(attrs).dequantize_packed(args[0], args[1], zeros, attrs["in_features"])
+    return weight.astype(DTYPES[attrs.get("dtype", "f32")])
 
 
 register("dequantize", (2, 3), _infer_dequantize, _dequantize_ref, attrs=("scheme", "out_features", "in_features"),
-         doc="f32 [out_features, in_features] from packed u32 codes, scales [and zeros] of a quantization scheme")
+         optional_attrs=("dtype",),
+         doc="[out_features, in_features] (f32, or f16 with dtype=f16) from packed u32 codes, f32 scales "
+             "[and zeros] of a quantization scheme")
 
 # ---- int8 rows: one f32 scale per row of the last axis (e.g. per token and head of a KV cache) ---------
 

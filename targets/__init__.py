@@ -22,4 +22,16 @@ def get_target(name: str) -> TargetSpec:
     return importlib.import_module(f"{__name__}.{name}").TARGET
 
 
-__all__ = ["TargetSpec", "get_target", "target_names", "check_arch", "requested_archs", "UnknownTargetError"]
+def check_dtype(spec: TargetSpec, dtype: str) -> None:
+    """UnknownTargetError unless ``spec`` has kernels for ``--dtype dtype``."""
+    if dtype in spec.dtypes:
+        return
+    others = [name for name in target_names() if dtype in get_target(name).dtypes]
+    cpu_hint = ", or --quant w8 for a smaller, faster CPU artifact" if spec.device == "cpu" else ""
+    raise UnknownTargetError(f"target {spec.name}: --dtype {dtype} is not supported (it builds "
+                             f"{', '.join(spec.dtypes)}).",
+                             f"Leave out --dtype {dtype}{cpu_hint}; {dtype} is built for {', '.join(others)}.")
+
+
+__all__ = ["TargetSpec", "get_target", "target_names", "check_arch", "check_dtype", "requested_archs",
+           "UnknownTargetError"]

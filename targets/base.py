@@ -45,6 +45,7 @@ class TargetSpec:
     # (executable, arch) -> what the artifact exports in its place: an object whose export_library(path)
     # writes the library and the files the device loads beside it (e.g. a web page); None: the executable
     package_library: Callable[[Any, str | None], Any] | None = None
+    dtypes: tuple[str, ...] = ("fp32",)  # --dtype values it has kernels for
 
 
 class UnknownTargetError(LLMOptError):

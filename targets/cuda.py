@@ -64,4 +64,5 @@ TARGET = TargetSpec(
     default_archs=DEFAULT_ARCHS,
     check_toolchain=_check_toolchain,
     compile_context=_compile_context,
+    dtypes=("fp32", "fp16"),
 )

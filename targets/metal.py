@@ -61,4 +61,5 @@ TARGET = TargetSpec(
     check_toolchain=_check_toolchain,
     compile_context=_compile_context,
     package_library=_package_library,
+    dtypes=("fp32", "fp16"),
 )

@@ -86,4 +86,5 @@ TARGET = TargetSpec(
     check_free_arch=lambda arch: "WebGPU takes no --arch (the browser picks the adapter): leave it out.",
     check_toolchain=_check_toolchain,
     package_library=_package_library,
+    dtypes=("fp32", "fp16"),
 )

@@ -17,12 +17,24 @@ from .quant_linear_te import quant_linear_te
 
 
 def linear_te(x: te.Tensor, w: te.Tensor, *bias: te.Tensor) -> te.Tensor:
-    """``x [M, K] @ w[N, K]^T (+ bias[N])``."""
+    """``x [M, K] @ w[N, K]^T (+ bias[N])``, summed in f32 whatever the operands' dtype (f16 operands:
+    the tensor-core form dlight's Matmul rule recognizes, f16 inputs with f32 accumulators)."""
     k = te.reduce_axis((0, x.shape[1]), name="k")
-    y = te.compute((x.shape[0], w.shape[0]), lambda m, n: te.sum(x[m, k] * w[n, k], axis=k), name="linear")
-    if not bias:
+    y = te.compute((x.shape[0], w.shape[0]), lambda m, n: te.sum(
+        _f32(x[m, k]) * _f32(w[n, k]), axis=k), name="linear")
+    return _epilogue(y, x.dtype, bias[0] if bias else None, "linear")
+
+
+def _f32(value):
+    return value if value.dtype == "float32" else value.astype("float32")
+
+
+def _epilogue(y: te.Tensor, dtype: str, bias: te.Tensor | None, name: str) -> te.Tensor:
+    """``y (+ bias)`` in ``dtype`` (one elementwise stage, which dlight fuses into the matmul)."""
+    if bias is None and dtype == "float32":
         return y
-    return te.compute(y.shape, lambda m, n: y[m, n] + bias[0][n], name="linear_bias")
+    return te.compute(y.shape, lambda m, n: (y[m, n] + (_f32(bias[n]) if bias is not None else 0.0)).astype(dtype),
+                      name=f"{name}_out")
 
 
 def _emit_2d(bb: relax.BlockBuilder, x: relax.Expr, in_features: int, out_features: int, emit) -> relax.Expr:

@@ -56,11 +56,14 @@ def dequantized_weight(scheme: Scheme, in_features: int, packed: te.Tensor, scal
 def quant_linear_te(x: te.Tensor, packed: te.Tensor, scales: te.Tensor, zeros: te.Tensor | None,
                     codebook: te.Tensor | None, bias: te.Tensor | None, *, scheme: Scheme,
                     in_features: int) -> te.Tensor:
-    """``y[m, n] = sum_k x[m, k] * w(n, k) (+ bias[n])`` for ``x`` f32 ``[M, K]`` (M may be symbolic)."""
+    """``y[m, n] = sum_k x[m, k] * w(n, k) (+ bias[n])`` for ``x`` ``[M, K]`` (M may be symbolic), f32
+    or f16; the sum is f32 either way and ``y`` has ``x``'s dtype."""
     weight = dequantized_weight(scheme, in_features, packed, scales, zeros, codebook)
     k = te.reduce_axis((0, in_features), name="k")
-    y = te.compute((x.shape[0], packed.shape[0]), lambda m, n: te.sum(x[m, k] * weight(n, k), axis=k),
+    widen = (lambda v: v) if x.dtype == "float32" else (lambda v: v.astype("float32"))
+    y = te.compute((x.shape[0], packed.shape[0]), lambda m, n: te.sum(widen(x[m, k]) * weight(n, k), axis=k),
                    name="quant_linear")
-    if bias is None:
+    if bias is None and x.dtype == "float32":
         return y
-    return te.compute(y.shape, lambda m, n: y[m, n] + bias[n], name="quant_linear_bias")
+    return te.compute(y.shape, lambda m, n: (y[m, n] + (widen(bias[n]) if bias is not None else 0.0)).astype(x.dtype),
+                      name="quant_linear_out")

@@ -1,5 +1,6 @@
 """Read the device code inside a library file, without vendor tools: AMDGPU code objects (alone or
-in clang offload bundles) and the Mach-O header of a macOS dylib.
+in clang offload bundles), the Mach-O header of a macOS dylib, and the WGSL kernels of a WebGPU
+module serialized into a wasm library.
 
 An AMDGPU code object is an ELF64 file for machine EM_AMDGPU (224), OS ABI AMDGPU_HSA (64), whose
 e_flags hold the processor (EF_AMDGPU_MACH, bits 0-7) and whose metadata note names the target
@@ -109,3 +110,48 @@ def macos_min_version(command: bytes) -> tuple[int, int]:
     """(major, minor) of an LC_BUILD_VERSION's minos."""
     minos, = struct.unpack_from("<I", command, 12)
     return minos >> 16, (minos >> 8) & 0xFF
+
+
+def wgsl_kernels(data: bytes) -> dict[str, str]:
+    """The WGSL of each kernel, from the WebGPU module TVM serialized into the library's data (kind
+    "webgpu", then its bytes: a map of function infos (name, arg dtypes, launch tags, extra tags),
+    then name -> source). The kind's string may occur elsewhere too: the one that parses is it."""
+    needle = struct.pack("<Q", 6) + b"webgpu"
+    start = data.find(needle)
+    while start >= 0:
+        try:
+            return _webgpu_module(data, start + len(needle))
+        except (AssertionError, UnicodeDecodeError, struct.error, IndexError):
+            start = data.find(needle, start + 1)
+    raise AssertionError("no serialized WebGPU module in the library")
+
+
+def _webgpu_module(data: bytes, at: int) -> dict[str, str]:
+    end = at + 8 + struct.unpack_from("<Q", data, at)[0]
+    at += 8
+
+    def u64():
+        nonlocal at
+        at += 8
+        return struct.unpack_from("<Q", data, at - 8)[0]
+
+    def text():
+        nonlocal at
+        length = u64()
+        assert at + length <= end
+        at += length
+        return data[at - length:at].decode()
+
+    def skip(item_bytes):  # an array of fixed-size items
+        nonlocal at
+        count = u64()
+        at += item_bytes * count
+
+    for _ in range(u64()):  # function infos
+        text(), text()
+        skip(4)  # arg dtypes (DLDataType: code, bits, lanes)
+        [text() for _ in range(u64())]  # launch parameter tags
+        skip(4)  # extra arg tags (int32)
+    kernels = {text(): text() for _ in range(u64())}
+    assert at == end and kernels
+    return kernels

@@ -28,6 +28,8 @@ from llmopt.runtime import ArtifactError, load
 from llmopt.runtime.manifest import verify
 from llmopt.targets import UnknownTargetError
 
+from device_code import wgsl_kernels
+
 VARIANTS = [None, "w4g32"]  # fp32, and int4 with groups of 32 (fused dequantize + matmul kernels)
 IDS = [1, 17, 99, 3, 42]
 DRIVER = webgpu_toolchain.WEB_DIR / "run_in_chromium.cjs"
@@ -75,51 +77,6 @@ def wasm_imports(data: bytes) -> list[tuple[str, str]]:
                 found.append((module, field))
         pos += size
     return found
-
-
-def wgsl_kernels(data: bytes) -> dict[str, str]:
-    """The WGSL of each kernel, from the WebGPU module TVM serialized into the library's data (kind
-    "webgpu", then its bytes: a map of function infos (name, arg dtypes, launch tags, extra tags),
-    then name -> source). The kind's string may occur elsewhere too: the one that parses is it."""
-    needle = struct.pack("<Q", 6) + b"webgpu"
-    start = data.find(needle)
-    while start >= 0:
-        try:
-            return _webgpu_module(data, start + len(needle))
-        except (AssertionError, UnicodeDecodeError, struct.error, IndexError):
-            start = data.find(needle, start + 1)
-    raise AssertionError("no serialized WebGPU module in the library")
-
-
-def _webgpu_module(data: bytes, at: int) -> dict[str, str]:
-    end = at + 8 + struct.unpack_from("<Q", data, at)[0]
-    at += 8
-
-    def u64():
-        nonlocal at
-        at += 8
-        return struct.unpack_from("<Q", data, at - 8)[0]
-
-    def text():
-        nonlocal at
-        length = u64()
-        assert at + length <= end
-        at += length
-        return data[at - length:at].decode()
-
-    def skip(item_bytes):  # an array of fixed-size items
-        nonlocal at
-        count = u64()
-        at += item_bytes * count
-
-    for _ in range(u64()):  # function infos
-        text(), text()
-        skip(4)  # arg dtypes (DLDataType: code, bits, lanes)
-        [text() for _ in range(u64())]  # launch parameter tags
-        skip(4)  # extra arg tags (int32)
-    kernels = {text(): text() for _ in range(u64())}
-    assert at == end and kernels
-    return kernels
 
 
 def test_manifest_is_complete(builds):

@@ -150,6 +150,11 @@
     const wasm = await fetchBytes(base + manifest.library);
     const tvm = await tvmjs.instantiate(wasm, tvmjs.createPolyfillWASI(), (line) => log(line));
     const gpu = await tvmjs.detectGPUDevice();
+    const halfTensors = manifest.weights.some((w) => w.dtype === "float16") || manifest.kv_cache.dtype === "f16";
+    if (halfTensors && !gpu.device.features.has("shader-f16")) {
+      throw new Error(`${base} is an fp16 artifact, but this browser's WebGPU adapter has no shader-f16 feature ` +
+                      "(f16 arithmetic in WGSL): run it on a GPU with shader-f16, or build with --dtype fp32");
+    }
     const adapterInfo = gpu.adapterInfo ? { vendor: gpu.adapterInfo.vendor, architecture: gpu.adapterInfo.architecture,
                                             device: gpu.adapterInfo.device, description: gpu.adapterInfo.description } : {};
     tvm.initWebGPU(gpu.device);
