@@ -68,6 +68,9 @@ def optimize(module: Module, options: BuildOptions, report: BuildReport | None =
     if options.lowrank:  # likewise, after any pruning
         from .passes.lowrank import lowrank_pass
         passes = with_quantization(passes, lowrank_pass(options.lowrank, options.calibration))
+    if compacts_sparse(options):  # N:M-pruned float weights stored as values + indices (passes/prune/compact.py)
+        from .passes.prune.compact import CompactSparse
+        passes = with_quantization(passes, CompactSparse())
     if options.quant or options.bits_budget is not None:
         quant_pass = quantization_pass(options.quant or "w4g128", options.quant_rules, options.calibration)
         if options.bits_budget is not None:  # measured and planned on the graph quant_pass would see
@@ -82,6 +85,22 @@ def optimize(module: Module, options: BuildOptions, report: BuildReport | None =
     if report is not None:
         report.pass_stats = manager.stats
     return module
+
+
+def compacts_sparse(options: BuildOptions) -> bool:
+    """Whether the build stores its pruned weights N:M-compact: an N:M ``--prune`` level, fp32
+    weights (a quantized build stores the pruned weights' codes dense, as before) and the CPU
+    target, whose decode kernel reads the compact form (GPU kernels would densify every call)."""
+    if not options.prune or options.quant or options.bits_budget is not None:
+        return False
+    if options.target != "cpu" or options.dtype != "fp32":
+        return False
+    from .passes.prune.levels import Level
+    method, _, level = options.prune.partition(":")
+    try:
+        return Level.parse(level).is_nm
+    except LLMOptError:
+        return False  # pruning_pass reports the bad spec
 
 
 QUANT_METHODS = {"rtn": "quantize-rtn", "gptq": "quantize-gptq", "awq": "quantize-awq",

@@ -55,8 +55,14 @@ class LoweringContext:
         return self.symbols[name]
 
 
+class AbsorbedWeight:
+    """What an absorbed weight-producing node (``dequantize``, ``densify``) lowers to: not a value;
+    the linears (and embeddings) reading it take its operands. Others than FusedDequantize
+    implement ``emit_linear(ctx, x, bias)`` (codegen/lower_sparse.py)."""
+
+
 @dataclass(frozen=True)
-class FusedDequantize:
+class FusedDequantize(AbsorbedWeight):
     """What an absorbed ``dequantize`` lowers to: not a value, its operands for the linear kernel
     and the embedding gather."""
 
@@ -239,6 +245,8 @@ def _rms_norm(ctx, node, args):
 @lowers("linear")
 def _linear(ctx, node, args):
     bias = args[2] if len(args) == 3 else None
+    if isinstance(args[1], AbsorbedWeight) and not isinstance(args[1], FusedDequantize):
+        return args[1].emit_linear(ctx, args[0], bias)
     if isinstance(args[1], FusedDequantize):
         packed, scales, *zeros = args[1].operands
         scheme, out_features, in_features = dequantize_scheme(args[1].node)
@@ -359,7 +367,8 @@ def unsupported(node: Node) -> str:
     return f"op {node.op!r} (from {node.source or 'unknown source'}) has no lowering to TVM"
 
 
-__all__ = ["LOWERINGS", "FusedDequantize", "LoweringContext", "unsupported"]
+__all__ = ["LOWERINGS", "AbsorbedWeight", "FusedDequantize", "LoweringContext", "unsupported"]
 
 from . import lower_kv  # noqa: E402,F401 (registers the KV-cache lowerings)
 from . import lower_int8  # noqa: E402,F401 (registers the int8 lowerings)
+from . import lower_sparse  # noqa: E402,F401 (registers the densify lowering)

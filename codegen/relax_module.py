@@ -17,7 +17,8 @@ from tvm import relax
 from ..errors import LLMOptError
 from ..ir.graph import Function, Module
 from ..ir.types import TVM_DTYPES, TensorType
-from .lower_ops import LOWERINGS, FusedDequantize, LoweringContext, unsupported
+from .lower_ops import LOWERINGS, AbsorbedWeight, LoweringContext, unsupported
+from .lower_sparse import fused_densifies
 from .quant_fusion import fused_dequantizes
 
 
@@ -44,7 +45,8 @@ def _lower_function(bb: relax.BlockBuilder, func: Function, weights: list[tuple[
                     kernels: Kernels, packed: set[str]) -> None:
     packed_values = {n.name for n in func.nodes if n.op == "weight" and n.attr["name"] in packed}
     ctx = LoweringContext(bb, {}, kernels.emit_linear, kernels.emit_attention, func.types(), packed_values,
-                          kernels.emit_quant_linear, fused_dequantizes(func, kernels.fuses_dequantize))
+                          kernels.emit_quant_linear,
+                          fused_dequantizes(func, kernels.fuses_dequantize) | fused_densifies(func))
     inputs = [relax.Var(p.name, _tensor_type(ctx, p.type)) for p in func.params]
     # a C identifier: device code (CUDA C) names kernel parameters after the vars ("q+k+v" is no name)
     weight_vars = {name: relax.Var(re.sub(r"^(?=\d)|[^0-9A-Za-z_]", "_", name), _tensor_type(ctx, t))
@@ -61,7 +63,7 @@ def _lower_function(bb: relax.BlockBuilder, func: Function, weights: list[tuple[
                     raise LLMOptError(f"codegen: {unsupported(node)}.",
                                       "Add a lowering in codegen/lower_ops.py, or a pass that rewrites the op.")
                 expr = lower(ctx, node, [values[i] for i in node.inputs])
-                values[node.name] = expr if isinstance(expr, (relax.Var, FusedDequantize)) else bb.emit(expr)
+                values[node.name] = expr if isinstance(expr, (relax.Var, AbsorbedWeight)) else bb.emit(expr)
                 values[node.name] = _as_ir_dtype(bb, values[node.name], node.type.dtype)
             result = bb.emit_output(relax.Tuple([values[v] for _, v in func.outputs]))
         bb.emit_func_output(result)
@@ -70,7 +72,7 @@ def _lower_function(bb: relax.BlockBuilder, func: Function, weights: list[tuple[
 def _as_ir_dtype(bb: relax.BlockBuilder, value, dtype: str):
     """``value`` in the node's IR dtype: lowerings of f16 nodes may compute in f32 (the IR's f16
     semantics, see ir/interp.py) and leave the final rounding to this cast."""
-    if isinstance(value, FusedDequantize) or value.ty.dtype == TVM_DTYPES[dtype]:
+    if isinstance(value, AbsorbedWeight) or value.ty.dtype == TVM_DTYPES[dtype]:
         return value
     return bb.emit(relax.op.astype(value, TVM_DTYPES[dtype]))
 

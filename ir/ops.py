@@ -14,6 +14,7 @@ import numpy as np
 from ..errors import LLMOptError
 from .quant_schemes import get_scheme
 from .rope import rope_attrs_inv_freq
+from .sparse_format import NMFormat
 from .types import DTYPES, Dim, TensorType, add_dims, eval_dim
 
 InferFn = Callable[[list[TensorType], dict], TensorType]
@@ -481,6 +482,32 @@ register("dequantize", (2, 3), _infer_dequantize, _dequantize_ref, attrs=("schem
          optional_attrs=("dtype",),
          doc="[out_features, in_features] (f32, or f16 with dtype=f16) from packed u32 codes, f32 scales "
              "[and zeros] of a quantization scheme")
+
+def _nm_format(attrs):
+    """The N:M storage a ``densify`` names (ir/sparse_format.py), or an OpError."""
+    try:
+        return NMFormat(attrs["n"], attrs["m"])
+    except LLMOptError as error:
+        raise OpError(f"densify: {error.message}") from None
+
+
+def _infer_densify(types, attrs):
+    fmt, n, k = _nm_format(attrs), attrs["out_features"], attrs["in_features"]
+    if not fmt.fits(k):
+        raise OpError(f"densify: in_features={k} is not a positive multiple of m={fmt.m}")
+    expected = [TensorType("f32", (n, fmt.kept(k))), TensorType("u32", (n, fmt.index_words(k)))]
+    if list(types) != expected:
+        raise OpError(f"densify ({fmt.n}:{fmt.m}, [{n}, {k}]): expected operands "
+                      f"{', '.join(map(str, expected))}; got {', '.join(map(str, types))}")
+    return TensorType("f32", (n, k))
+
+
+register("densify", 2, _infer_densify,
+         lambda args, attrs, env: _nm_format(attrs).densify(args[0], args[1], attrs["in_features"]),
+         attrs=("n", "m", "out_features", "in_features"),
+         doc="f32 [out_features, in_features] from N:M-sparse storage: values f32 [out, in*n/m] and u32 "
+             "indices (each value's position in its group of m, packed; ir/sparse_format.py); "
+             "w[r, g*m + p] = sum of the values of group g at position p")
 
 # ---- int8 rows: one f32 scale per row of the last axis (e.g. per token and head of a KV cache) ---------
 

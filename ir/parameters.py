@@ -13,6 +13,7 @@ from .graph import Module
 
 _STORAGE = {  # op -> positions of the inputs that store one weight (codes first), its logical [N, K]
     "dequantize": ((0, 1, 2), lambda node, types: node.type.shape),
+    "densify": ((0, 1), lambda node, types: node.type.shape),  # N:M-sparse values and indices
     "linear_w8a8": ((1, 2), lambda node, types: (node.type.shape[-1], types[node.inputs[0]].shape[-1])),
 }
 

@@ -19,9 +19,11 @@ from .cse import CommonSubexpressionElimination
 from .dce import DeadCodeElimination
 from .fold_constants import FoldConstants
 from .fuse_linears import FuseLinears
+from .half_precision import HalfPrecision
 from .instruments import Instrument
 from .lowrank import LowRankASVD, LowRankSVD
 from .prune import PruneMagnitude, PruneSparseGPT, PruneStructured, PruneWanda
+from .prune.compact import CompactSparse
 from .quant.awq import QuantizeAWQ
 from .quant.gptq import QuantizeGPTQ
 from .quant.kv_cache import QuantizeKVCache
@@ -32,8 +34,9 @@ PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (
     DeadCodeElimination, CommonSubexpressionElimination, FoldConstants, FuseLinears, QuantizeRTN, QuantizeGPTQ,
     QuantizeKVCache, QuantizeAWQ)}
 PASSES[SmoothQuant.name] = SmoothQuant
-PASSES.update({cls.name: cls for cls in (PruneMagnitude, PruneWanda, PruneSparseGPT, PruneStructured)})
+PASSES.update({cls.name: cls for cls in (PruneMagnitude, PruneWanda, PruneSparseGPT, PruneStructured, CompactSparse)})
 PASSES.update({cls.name: cls for cls in (LowRankSVD, LowRankASVD)})
+PASSES[HalfPrecision.name] = HalfPrecision
 
 PIPELINES: dict[str, list[str]] = {
     "default": ["fuse-linears", "fold-constants", "cse", "dce"],

@@ -65,7 +65,7 @@ def test_build_pipeline_parses_names_options_and_named_pipelines():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("dce,fuse", "unknown pass 'fuse'.*Known passes: cse, dce, fold-constants, fuse-linears"),
+    ("dce,fuse", "unknown pass 'fuse'.*Known passes: .*cse, dce, fold-constants, fuse-linears"),
     ("fuse-linears{groups=3}", "bad option 'groups=3'.*min_group"),
     ("fuse-linears{min_group=many}", "'many' is not a valid int"),
     ("fuse-linears{min_group=3", "not closed"),
@@ -144,7 +144,7 @@ def test_disabled_passes_are_skipped(monkeypatch):
 
 def test_unknown_disabled_names_list_known_passes(monkeypatch):
     monkeypatch.delenv(DISABLE_ENV, raising=False)
-    with pytest.raises(LLMOptError, match="(?s)--disable-pass names unknown pass.*: cdse.*Known passes: cse, dce"):
+    with pytest.raises(LLMOptError, match="(?s)--disable-pass names unknown pass.*: cdse.*Known passes: .*cse, dce"):
         PassManager(build_pipeline("default"), disabled=["cdse"])
     PassManager([WrongType()], disabled=["wrong-type"])  # passes in the pipeline count as known
     monkeypatch.setenv(DISABLE_ENV, "nope")
