@@ -295,3 +295,20 @@ int main(int argc, char** argv) {
     lines = done.stdout.split("\n")
     assert re.fullmatch(r"\d+\.\d+", lines[0])
     assert "add 1 2" in lines[1:]  # a Relax function taking x and y
+
+
+def test_the_wheel_ships_the_web_page_and_runtime_sources(tmp_path):
+    """A non-editable install serves WebGPU builds too: every web/ file llmopt keeps in git (all but
+    npm's node_modules) is package data of the wheel."""
+    import sys
+    root = webgpu_toolchain.WEB_DIR.parent
+    tracked = subprocess.run(["git", "ls-files", "web"], cwd=root, capture_output=True, text=True)
+    if tracked.returncode != 0 or not tracked.stdout.strip():
+        pytest.skip("needs llmopt's git checkout (to list the web/ files it keeps)")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(root),
+                    "-w", str(tmp_path)], check=True, capture_output=True)
+    import zipfile
+    (wheel,) = tmp_path.glob("llmopt-*.whl")
+    shipped = {name for name in zipfile.ZipFile(wheel).namelist() if name.startswith("llmopt/web/")}
+    wanted = {f"llmopt/{name}" for name in tracked.stdout.split() if name != "web/.gitignore"}
+    assert wanted and wanted <= shipped, sorted(wanted - shipped)
