@@ -165,8 +165,9 @@ def run(artifact, prompt, max_tokens, temperature, top_p, seed):
 @_pipeline_option
 @click.option("--compare", "compare_specs", default=None, metavar="SPECS",
               help="Build MODEL once per variant and compare them: comma-separated specs, each a --quant spec "
-              "or '+'-joined steps prune=METHOD:LEVEL, lowrank=METHOD:RATIO, quant=SPEC, e.g. "
-              "fp32,w8,gptq:w4g128,prune=wanda:0.5+w4g128,lowrank=asvd:0.2+w8 (fp32, uncompressed, is always included).")
+              "or '+'-joined steps prune=METHOD:LEVEL, lowrank=METHOD:RATIO, dtype=fp16, quant=SPEC, e.g. "
+              "fp32,w8,gptq:w4g128,prune=wanda:0.5+w4g128,lowrank=asvd:0.2+w8,dtype=fp16 (fp32, uncompressed, is "
+              "always included).")
 @click.option("--out-dir", type=click.Path(file_okay=False), default=None,
               help="--compare: write compare.json and compare.md here.  [default: out/compare]")
 @click.option("--threads", type=click.IntRange(min=1), default=None,

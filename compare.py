@@ -2,8 +2,9 @@
 
 Every variant is built from the same traced model: ``fp32`` without compression (always there,
 always first); any other spec is ``+``-joined steps, each ``prune=METHOD:LEVEL`` (``--prune``),
-``lowrank=METHOD:RATIO[:ALLOCATION]`` (``--lowrank``) or a ``--quant`` spec (``quant=`` optional),
-e.g. ``w4g128``, ``prune=wanda:0.5+w4g128``, ``lowrank=asvd:0.2+w8``. Per variant:
+``lowrank=METHOD:RATIO[:ALLOCATION]`` (``--lowrank``), ``dtype=fp16`` (``--dtype``) or a ``--quant``
+spec (``quant=`` optional), e.g. ``w4g128``, ``prune=wanda:0.5+w4g128``, ``lowrank=asvd:0.2+w8``,
+``dtype=fp16``. Per variant:
 
 - parameters: what the weights stand for (``ir.parameters``: a quantized weight counts its
   dequantized values, factors and structurally pruned layers their smaller shapes, zeros of
@@ -81,7 +82,8 @@ def parse_specs(text: str) -> list[str]:
     return list(dict.fromkeys([BASELINE, *(spec.strip() for spec in text.split(",") if spec.strip())]))
 
 
-STEPS = ("prune", "lowrank", "quant")
+STEPS = ("prune", "lowrank", "quant", "dtype")
+DTYPES = ("fp32", "fp16")
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,7 @@ class VariantSpec:
     prune: str | None = None
     lowrank: str | None = None
     quant: str | None = None
+    dtype: str = "fp32"
 
 
 def parse_variant(spec: str) -> VariantSpec:
@@ -103,10 +106,13 @@ def parse_variant(spec: str) -> VariantSpec:
         key, value = (key.strip(), value.strip()) if sep else ("quant", key.strip())
         if key not in STEPS or not value:
             raise LLMOptError(f"--compare variant {spec!r}: {part!r} is not a step.",
-                              "Join steps with '+': prune=METHOD:LEVEL, lowrank=METHOD:RATIO[:ALLOCATION] and a "
-                              "--quant spec, e.g. prune=wanda:0.5+w4g128.")
+                              "Join steps with '+': prune=METHOD:LEVEL, lowrank=METHOD:RATIO[:ALLOCATION], "
+                              "dtype=fp16 and a --quant spec, e.g. prune=wanda:0.5+w4g128.")
         if key in steps:
             raise LLMOptError(f"--compare variant {spec!r} has two {key} steps.", "Give each step at most once.")
+        if key == "dtype" and value not in DTYPES:
+            raise LLMOptError(f"--compare variant {spec!r}: dtype={value} is not one of {', '.join(DTYPES)}.",
+                              "Write dtype=fp16 (fp32 is the default).")
         steps[key] = value
     return VariantSpec(**steps)
 

@@ -79,7 +79,8 @@ def optimize(module: Module, options: BuildOptions, report: BuildReport | None =
         passes = with_quantization(passes, quant_pass)
     if options.dtype == "fp16":  # last: every pass before it computes in f32
         from .passes.half_precision import HalfPrecision
-        passes = passes + [HalfPrecision()]
+        from .targets import get_target
+        passes = passes + [HalfPrecision(activations="f16" if get_target(options.target).fp16_activations else "f32")]
     manager = PassManager(passes, instruments, options.disabled_passes)
     module = manager.run(module)
     if report is not None:

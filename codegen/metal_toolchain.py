@@ -31,7 +31,8 @@ ZIG_HINT = "Install ziglang: `pip install ziglang` (it links the arm64 macOS lib
 
 
 @functools.lru_cache(maxsize=None)
-def _zig_version() -> str | None:
+def zig_version() -> str | None:
+    """``zig version`` of PyPI ziglang; None when it does not run."""
     try:
         out = subprocess.run([*ZIG, "version"], capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.SubprocessError):
@@ -48,7 +49,7 @@ def check_toolchain() -> None:
     if not ziglang_installed():
         raise LLMOptError("target metal: PyPI ziglang was not found; its `zig cc` links the arm64 macOS library "
                           "at build time.", ZIG_HINT)
-    if _zig_version() is None:
+    if zig_version() is None:
         raise LLMOptError(f"target metal: `{' '.join(ZIG)} version` does not run.", ZIG_HINT)
 
 

@@ -284,7 +284,9 @@ def _infer_linear(types, attrs):
         raise OpError(f"linear: x {x} and weight {w} (expected [out, {x.shape[-1]}]) do not fit")
     if len(types) == 3 and types[2].shape != (w.shape[0],):
         raise OpError(f"linear: bias {types[2]} should be [{w.shape[0]}]")
-    _same_dtype(types, "linear")
+    if not (x.dtype == "f32" and w.dtype == "f16"):  # an f16 weight of an f32 linear is widened
+        _same_dtype(types[:2], "linear")
+    _same_dtype([x] + types[2:], "linear")
     return x.with_shape(x.shape[:-1] + (w.shape[0],))
 
 
@@ -294,7 +296,8 @@ def _linear_ref(args, attrs, env):
 
 
 register("linear", (2, 3), _infer_linear, _linear_ref,
-         doc="y = x @ weight.T (+ bias); weight is [out_features, in_features]", tags={"linear"})
+         doc="y = x @ weight.T (+ bias); weight is [out_features, in_features] (an f16 weight of an f32 x "
+             "is widened to f32)", tags={"linear"})
 
 
 def _infer_matmul(types, attrs):

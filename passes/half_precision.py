@@ -1,11 +1,14 @@
-"""``half-precision``: run the model in fp16 — weights stored as f16, activations and KV cache f16.
+"""``half-precision``: run the model in fp16 — weights stored as f16; activations and KV cache f16
+too (``activations="f16"``, the GPU targets), or kept f32 (``activations="f32"``, the CPU target).
+
+Option ``activations``: ``"f16"`` or ``"f32"``.
 
 Requires: verified IR whose float values are all f32 (a model as the frontends trace it, after any
-pruning, low-rank or weight-quantization pass). Quantized weights may be present: a ``dequantize``
-then gives f16 (its ``dtype`` attribute). Int8 activations (``linear_w8a8``) and an int8 KV cache
-are refused: they are f32 designs.
+pruning, low-rank or weight-quantization pass). Quantized weights may be present (their codes,
+scales and zeros keep their dtypes). With ``activations="f16"``, int8 activations
+(``linear_w8a8``) and an int8 KV cache are refused: they are f32 designs.
 
-Guarantees:
+Guarantees, ``activations="f16"``:
 - every f32 weight a function reads is stored as f16 (rounded to nearest; values beyond f16's
   range are refused, naming the weight), so float weights take half the bytes;
 - every f32 value, param and constant of every function becomes f16, and each ``dequantize``
@@ -14,9 +17,16 @@ Guarantees:
 - outputs named ``logits`` stay f32 (a ``cast`` at the end), so runtimes, perplexity and sampling
   read the same dtype as before; the KV cache (params and outputs ``k.i``/``v.i``) is f16, and
   ``module.meta["kv_cache"]["dtype"]`` says so; ``module.meta["dtype"]`` is ``"f16"``.
+
+Guarantees, ``activations="f32"`` (weights only): every f32 ``[N, K]`` weight read only as the
+weight of ``linear`` nodes or as an ``embedding`` table is stored as f16; a linear reads it as is
+(``linear`` widens an f16 weight: x f32 times w f16 is f32), an embedding's rows are cast back to
+f32 right after the gather. Everything else (norm weights, biases, activations, the KV cache) stays
+f32; ``module.meta["dtype"]`` is ``"f16-weights"``.
+
 New nodes carry ``created_by="half-precision"``.
 
-Stats: ``weights`` converted, ``values`` retyped, ``casts`` added at the outputs.
+Stats: ``weights`` converted, ``values`` retyped, ``casts`` added.
 """
 
 from __future__ import annotations
@@ -30,9 +40,11 @@ from ..errors import LLMOptError
 from ..ir.graph import Builder, Function, Module, Node
 from ..ir.weights import WeightStore
 from .base import Pass, PassResult
-from .rewrite import renamed
+from .rewrite import rebuild, renamed, weight_reads
 
 FULL, HALF = "f32", "f16"
+HALF_WEIGHTS = "f16-weights"  # module.meta["dtype"] of the weights-only mode
+WIDENED_READS = {("linear", 1), ("embedding", 1)}  # reads of an f16 weight the weights-only mode allows
 KEPT_FULL_OUTPUTS = ("logits",)
 F32_ONLY_OPS = ("linear_w8a8", "quantize_rows_i8", "dequantize_rows_i8", "row_scale_i8")
 F16_MAX = float(np.finfo(np.float16).max)
@@ -57,18 +69,21 @@ class HalfPrecision(Pass):
     """Store float weights in f16 and compute activations and the KV cache in f16; logits stay f32."""
 
     name = "half-precision"
+    activations: str = HALF
+
+    def __post_init__(self):
+        if self.activations not in (HALF, FULL):
+            raise LLMOptError(f"half-precision: activations={self.activations!r} is not f16 or f32.",
+                              "activations=f16 computes in f16 (GPUs); activations=f32 halves the weights only.")
 
     def apply(self, module: Module) -> PassResult:
+        if module.meta.get("dtype") in (HALF, HALF_WEIGHTS):
+            raise HalfPrecisionError("half-precision: the module is already fp16.", "Run the pass once.")
+        if self.activations == FULL:
+            return self._halve_weights(module)
         self._check(module)
-        store, stats = WeightStore(), Counter()
         quant_parameters = _quantization_parameters(module)
-        for name in module.weight_names():
-            entry = module.weights.entry(name)
-            if entry.type.dtype == FULL and name not in quant_parameters:
-                store.add(name, entry.type.with_dtype(HALF), _half_weight(module.weights, name), entry.origin)
-                stats["weights"] += 1
-            else:
-                store.add(name, entry.type, entry.load, entry.origin)
+        store, stats = _halved_store(module, lambda name: name not in quant_parameters)
         functions = {}
         for name, func in module.functions.items():
             functions[name], counts = self.rewrite_function(func, store.type)
@@ -78,10 +93,32 @@ class HalfPrecision(Pass):
             meta["kv_cache"] = {**meta["kv_cache"], "dtype": HALF}
         return PassResult(Module(functions, store, meta), dict(stats))
 
+    def _halve_weights(self, module: Module) -> PassResult:
+        """The weights-only mode: f16 linear weights and embedding tables, f32 everything else."""
+        reads = weight_reads(module)
+        halved = {name for name, how in reads.items()
+                  if module.weights.type(name).dtype == FULL and module.weights.type(name).rank == 2
+                  and how <= WIDENED_READS}
+        store, stats = _halved_store(module, halved.__contains__)
+        functions = {}
+        for fname, func in module.functions.items():
+            weight_of = {n.name: n.attr["name"] for n in func.nodes if n.op == "weight"}
+
+            def replace(node, b, rename):
+                if node.op == "weight" and node.attr["name"] in halved:
+                    return b.add("weight", type=store.type(node.attr["name"]), source=node.source,
+                                 created_by=node.created_by, **node.attr)
+                if node.op == "embedding" and weight_of.get(node.inputs[1]) in halved:
+                    rows = b.add("embedding", *renamed(node, rename), created_by=node.created_by, **node.attr)
+                    stats["casts"] += 1
+                    return b.add("cast", rows, dtype=FULL)
+                return None
+
+            functions[fname] = rebuild(func, replace, self.name)
+        return PassResult(Module(functions, store, {**module.meta, "dtype": HALF_WEIGHTS}), dict(stats))
+
     @staticmethod
     def _check(module: Module) -> None:
-        if module.meta.get("dtype") == HALF:
-            raise HalfPrecisionError("half-precision: the module is already fp16.", "Run the pass once.")
         if module.meta.get("kv_cache", {}).get("dtype", FULL) != FULL:
             raise HalfPrecisionError(
                 f"half-precision: the KV cache is {module.meta['kv_cache']['dtype']}; an fp16 model keeps an fp16 cache.",
@@ -124,6 +161,19 @@ class HalfPrecision(Pass):
             return b.add("weight", type=type_of_weight(attrs["name"]), **attrs)
         type = _halved(node.type)
         return b.add(node.op, *inputs, type=type, created_by=node.created_by, **attrs)
+
+
+def _halved_store(module: Module, halve) -> tuple[WeightStore, Counter]:
+    """A store with the f32 weights ``halve(name)`` selects as f16 (the others as they are)."""
+    store, stats = WeightStore(), Counter()
+    for name in module.weight_names():
+        entry = module.weights.entry(name)
+        if entry.type.dtype == FULL and halve(name):
+            store.add(name, entry.type.with_dtype(HALF), _half_weight(module.weights, name), entry.origin)
+            stats["weights"] += 1
+        else:
+            store.add(name, entry.type, entry.load, entry.origin)
+    return store, stats
 
 
 def _quantization_parameters(module: Module) -> set[str]:

@@ -14,6 +14,8 @@ treats every cache tensor alike. Weights are bound once at load, in the manifest
 
 from __future__ import annotations
 
+import platform
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,8 @@ GPU_DEVICES = {"cuda": cuda_device, "rocm": rocm_device, "metal": metal_device}
 _ISA_PREFIXES = (
     "sse", "ssse3", "avx", "amx", "fma", "f16c", "bmi", "neon", "sve", "dotprod", "i8mm"
 )
+_ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}
+"""Other names of an architecture (Windows', macOS's) -> LLVM's."""
 
 
 MIN_CAPACITY = 256
@@ -240,27 +244,80 @@ def _check_target(tvm: Any, manifest: Manifest, device: str | None, artifact_dir
     return tvm.cpu()
 
 
+def machine_arch() -> str:
+    """This machine's architecture as LLVM triples name it (``x86_64``, ``aarch64``), from the OS."""
+    return _arch_name(platform.machine())
+
+
+def _arch_name(name: str) -> str:
+    name = name.lower()
+    return _ARCH_ALIASES.get(name, name)
+
+
+def _triple_os(triple: str) -> str | None:
+    """The OS an LLVM triple names (``linux``, ``macos``), None if another or none."""
+    if "linux" in triple:
+        return "linux"
+    return "macos" if any(word in triple for word in ("apple", "darwin", "macos")) else None
+
+
+def _check_machine(tvm_target: dict[str, Any], artifact_dir: Path) -> None:
+    """Raise ArtifactError if the target's ``mtriple`` names another architecture or OS than this
+    machine's (e.g. an aarch64 Linux library here on x86-64). Needs no LLVM."""
+    triple = str(tvm_target.get("mtriple") or "")
+    if not triple:
+        return
+    arch, here = _arch_name(triple.split("-")[0]), machine_arch()
+    os_name, here_os = _triple_os(triple), _triple_os(sys.platform.replace("darwin", "macos"))
+    if arch == here and (os_name is None or here_os is None or os_name == here_os):
+        return
+    names = {"linux": "Linux", "macos": "macOS"}
+    what, machine = f"{arch} {names.get(os_name, '')}".strip(), f"{here} {names.get(here_os, sys.platform)}"
+    raise ArtifactError(
+        f"{artifact_dir} was built for {tvm_target.get('mcpu') or arch} ({triple}) and needs architecture "
+        f"{arch}{' on ' + names[os_name] if os_name else ''}; this machine is {machine}",
+        hint=f"copy the folder to an {what} machine and load it there (with the TVM runtime and llmopt "
+        "installed), or rebuild it for this machine: `llmopt build MODEL --target cpu -o OUT` without --arch",
+        path=artifact_dir,
+    )
+
+
 def _check_host_cpu(tvm: Any, tvm_target: dict[str, Any], artifact_dir: Path) -> None:
     """Raise ArtifactError if the target's architecture or instruction sets are not this CPU's.
 
-    Asks TVM's LLVM for the host CPU; skipped where it cannot tell (a TVM runtime without LLVM,
-    or a host CPU LLVM does not know). Features are LLVM's for the CPU names, not CPUID's.
+    The architecture and OS come from the target's ``mtriple`` against this machine's
+    (:func:`_check_machine`); a target without one was built for its build machine's kind, so its
+    CPU must be one LLVM knows for this machine's. The instruction sets are asked of TVM's LLVM;
+    skipped where it cannot tell (a TVM runtime without LLVM, or a host CPU LLVM does not know).
+    Features are LLVM's for the CPU names, not CPUID's.
     """
+    _check_machine(tvm_target, artifact_dir)
     try:
         from tvm.target import codegen
 
         host_cpu = codegen.llvm_get_system_cpu()
-        host_arch = codegen.llvm_get_system_triple().split("-")[0]
-        arch = tvm_target.get("mtriple", host_arch).split("-")[0]
+        host_triple = str(codegen.llvm_get_system_triple())
+        host_arch = _arch_name(host_triple.split("-")[0])
+        arch = _arch_name(tvm_target.get("mtriple", host_arch).split("-")[0])
         missing = []
         mcpu = tvm_target.get("mcpu")
-        if arch == host_arch and mcpu and mcpu != host_cpu and host_cpu != "generic":
+        foreign_cpu = bool(mcpu) and "mtriple" not in tvm_target and not codegen.llvm_is_valid_cpu(
+            mcpu, host_triple)
+        if arch == host_arch and mcpu and mcpu != host_cpu and host_cpu != "generic" and not foreign_cpu:
             host = tvm.target.Target({**tvm_target, "mcpu": host_cpu})
             have = set(codegen.llvm_get_cpu_features(host))
             need = set(codegen.llvm_get_cpu_features(tvm.target.Target(tvm_target)))
             missing = sorted(f for f in need - have if f.startswith(_ISA_PREFIXES))
     except (ImportError, AttributeError, RuntimeError, ValueError):
         return
+    if foreign_cpu:
+        raise ArtifactError(
+            f"{artifact_dir} was built for CPU {mcpu}, which is not a CPU of this machine's kind "
+            f"({host_cpu}, {host_arch})",
+            hint="load it on a machine of the kind that built it, or rebuild it for this machine: "
+            "`llmopt build MODEL --target cpu -o OUT` without --arch",
+            path=artifact_dir,
+        )
     if arch != host_arch or missing:
         what = f"architecture {arch}" if arch != host_arch else f"CPU features {', '.join(missing)}"
         raise ArtifactError(

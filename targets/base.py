@@ -46,6 +46,7 @@ class TargetSpec:
     # writes the library and the files the device loads beside it (e.g. a web page); None: the executable
     package_library: Callable[[Any, str | None], Any] | None = None
     dtypes: tuple[str, ...] = ("fp32",)  # --dtype values it has kernels for
+    fp16_activations: bool = True  # --dtype fp16 computes in f16 (GPUs); False: f16 weights, f32 compute
 
 
 class UnknownTargetError(LLMOptError):

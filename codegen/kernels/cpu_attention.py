@@ -17,7 +17,8 @@ from tvm import relax, te, tirx
 from tvm.script import tirx as T
 
 KEY_TILE = 64
-"""Keys per tile: four AVX-512 vectors of scores."""
+"""Keys per tile: four AVX-512 vectors of scores (sixteen NEON vectors on aarch64, where the kernel,
+plain vector code with no x86 instructions, runs as it is)."""
 
 _OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps leaves the kernel alone
 _NEG_INF = -3.0e38

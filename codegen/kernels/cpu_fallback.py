@@ -2,9 +2,10 @@
 
 TVM legalizes them into plain loop nests that run on one core, element by element. This rule,
 applied after fusion, inlines what it can, then for every block: the innermost loop, when its
-extent is a known multiple of ``VECTOR``, is split and vectorized; the leading spatial loops are
-fused and run in parallel when there is enough of them to pay for waking the thread pool
-(prefill's sequence axis; decode's ``[1, 1, hidden]`` ops stay serial).
+extent is a known multiple of the target's f32 lanes (``cpu_isa``: 16 on x86, 4 on aarch64), is
+split and vectorized; the leading spatial loops are fused and run in parallel when there is enough
+of them to pay for waking the thread pool (prefill's sequence axis; decode's ``[1, 1, hidden]`` ops
+stay serial).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import ScheduleRule, try_inline
 
-VECTOR = 16  # fp32 lanes of an AVX-512 register
+from .cpu_isa import vector_unit
+
 MIN_PARALLEL = 4  # fused outer iterations below which a parallel loop costs more than it saves
 
 
@@ -25,11 +27,16 @@ def _static_extent(sch: s_tir.Schedule, loop) -> int | None:
 
 
 class CPUFallback(ScheduleRule):
-    """Parallelize the outer spatial loops and vectorize the inner loop of every block."""
+    """Parallelize the outer spatial loops and vectorize the inner loop of every block, by ``lanes``
+    (default: the f32 lanes of the target's vector registers)."""
+
+    def __init__(self, lanes: int | None = None):
+        self.lanes = lanes
 
     def apply(self, func: tirx.PrimFunc, target, _tunable: bool):
         if not isinstance(func, tirx.PrimFunc):
             return None
+        lanes = self.lanes or vector_unit(target).fallback_lanes
         sch = s_tir.Schedule(func)
         infos = normalize_prim_func(sch)
         if infos is None:
@@ -41,9 +48,9 @@ class CPUFallback(ScheduleRule):
                 continue
             leading = len(kinds) - len(kinds.lstrip("S"))
             inner = _static_extent(sch, loops[-1])
-            if info.is_injective() and inner is not None and inner % VECTOR == 0 and len(loops) > 1:
-                _, lanes = sch.split(loops[-1], factors=[None, VECTOR])
-                sch.vectorize(lanes)
+            if info.is_injective() and inner is not None and inner % lanes == 0 and len(loops) > 1:
+                _, vector = sch.split(loops[-1], factors=[None, lanes])
+                sch.vectorize(vector)
                 leading -= 1  # the last spatial loop is now the vector loop
             outer = loops[:leading]
             extents = [_static_extent(sch, loop) for loop in outer]

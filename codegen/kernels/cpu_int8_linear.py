@@ -32,8 +32,9 @@ accumulator chains; the weight stream is the bound). GEMM (any M): quantize the 
 then ``GEMM_ROWS x 64`` register tiles (24 int32 zmm accumulators) per (N block, row part) task,
 with 4-, 2- and 1-row tiles for the ``M % GEMM_ROWS`` remainder, as in cpu_linear.make_gemm.
 
-Without VNNI (``has_vnni``) the same loop nests compute each 4-byte dot product with shifts, masks
-and int32 multiply-adds (exact, portable, ~10x slower).
+Without VNNI (``has_vnni``; never on aarch64) the same loop nests compute each 4-byte dot product
+with shifts, masks and int32 multiply-adds (exact, portable, ~10x slower). aarch64 also keeps fewer
+accumulator rows per GEMM tile (``cpu_isa.NEON``); its dot-product instructions are not used.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from .cpu_linear import (
     _static_or_symbolic_shape,
     _target_threads,
 )
+from .cpu_isa import vector_unit
 
 LANES = 16
 """int32 lanes of an AVX-512 register: the output channels one ``vpdpbusd`` covers."""
@@ -84,7 +86,7 @@ def emit_w8a8_linear(bb: relax.BlockBuilder, x: relax.Expr, codes: relax.Expr, s
     if isinstance(rows, int) and rows == 1:
         kind, func = "gemv", make_w8a8_gemv(*shape)
     else:
-        kind, func = "gemm", make_w8a8_gemm(*shape, threads=_target_threads(target))
+        kind, func = "gemm", make_w8a8_gemm(*shape, threads=_target_threads(target), rows=vector_unit(target).gemm_rows)
     gv = bb.add_func(func, f"linear_w8a8_{kind}_n{n}_k{k}{'_bias' if bias is not None else ''}")
     args = [x2d, codes, flat_scales] + ([bias] if bias is not None else [])
     y2d = bb.emit(relax.call_tir(gv, args, relax.TensorType([rows, n], "float32")))
@@ -227,10 +229,12 @@ def make_w8a8_gemv(n: int, k: int, scale_count: int, has_bias: bool, vnni: bool)
 
 
 @cache
-def make_w8a8_gemm(n: int, k: int, scale_count: int, has_bias: bool, vnni: bool, threads: int = 1) -> tirx.PrimFunc:
-    """The kernel for symbolic M: quantize the rows in parallel, then register tiles per (N block,
-    row part) task (see the module docstring and cpu_linear.make_gemm)."""
-    nblocks, k4, mr, parts = -(-n // BLOCK_N), -(-k // 4), GEMM_ROWS, threads
+def make_w8a8_gemm(n: int, k: int, scale_count: int, has_bias: bool, vnni: bool, threads: int = 1,
+                   rows: int = GEMM_ROWS) -> tirx.PrimFunc:
+    """The kernel for symbolic M: quantize the rows in parallel, then ``rows x 64`` register tiles
+    per (N block, row part) task (see the module docstring and cpu_linear.make_gemm)."""
+    assert 1 <= rows <= 7, "the remainder tiles (4, 2, 1 rows) cover at most 7 rows"
+    nblocks, k4, mr, parts = -(-n // BLOCK_N), -(-k // 4), rows, threads
     quantize_row, tile = _quantize_row(k), _tile(n, k, has_bias, vnni)
 
     @T.macro

@@ -20,6 +20,9 @@ vector registers of an output tile. This one layout serves both kernels:
   broadcasts ``GEMM_ROWS`` x values and loads one contiguous weight row of the block.
   The block (``K * BLOCK_N * 4`` bytes) stays in L2 while all row tiles of x pass over it.
 
+The numbers above are x86's; an aarch64 target (NEON: 4 f32 lanes) keeps fewer rows and partial
+sums of accumulators in registers (``cpu_isa.NEON``), from the same weight layout.
+
 Weights are runtime inputs, so packing happens once, ahead of time
 (:func:`pack_weight_for_gemm`); :func:`emit_linear` also accepts an unpacked ``[N, K]``
 weight and then packs it inside the graph (folded away by ``FoldConstant`` when the
@@ -49,16 +52,19 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.script import tirx as T
 
+from .cpu_isa import X86, vector_unit
+
 BLOCK_N = 64
 """Output channels per packed weight block: four AVX-512 vectors of fp32."""
 
-GEMM_ROWS = 6
-"""Rows of x per GEMM register tile: 6 x 64 fp32 = 24 accumulator zmm registers. At most 7:
-the remainder rows are covered by 4-, 2- and 1-row tiles, and a half tile (rows x 32
-floats) must stay below 1 KiB to live on the stack (see ``HALF``)."""
+GEMM_ROWS = X86.gemm_rows
+"""Rows of x per GEMM register tile on x86: 6 x 64 fp32 = 24 accumulator zmm registers (aarch64:
+cpu_isa.NEON's). At most 7: the remainder rows are covered by 4-, 2- and 1-row tiles, and a half
+tile (rows x 32 floats) must stay below 1 KiB to live on the stack (see ``HALF``)."""
 
-GEMV_SPLIT_K = 4
-"""Independent partial sums per output vector in the GEMV, to hide FMA latency."""
+GEMV_SPLIT_K = X86.gemv_split
+"""Independent partial sums per output vector in the GEMV on x86, to hide FMA latency (aarch64:
+cpu_isa.NEON's, whose 64 columns already are 16 registers)."""
 
 _OPAQUE = 8  # relax OpPatternKind.kOpaque
 
@@ -149,20 +155,26 @@ def emit_linear(
     (:data:`WEIGHT_LAYOUT`). bias: ``[N]`` or None. ``out_features`` (N) is needed only for
     a pre-packed weight without bias. Returns ``[..., N]``.
 
-    A constant M of 1 selects the GEMV kernel, anything else the tiled GEMM.
+    A constant M of 1 selects the GEMV kernel, anything else the tiled GEMM, both blocked for the
+    target's vector unit (:func:`cpu_isa.vector_unit`).
     """
     x_shape = _static_or_symbolic_shape(x)
+    if x.ty.dtype != "float32" or w.ty.dtype not in ("float32", "float16"):
+        raise NotImplementedError(f"cpu linear kernels take f32 x and an f32 or f16 weight, got {x.ty.dtype}, "
+                                  f"{w.ty.dtype}")
+    wdtype = str(w.ty.dtype)
     k = int(x_shape[-1])
     n, w_packed = _packed_weight(bb, w, bias, k, out_features)
     rows = _product(x_shape[:-1])
     x2d = x if len(x_shape) == 2 else bb.emit(relax.op.reshape(x, [rows, k]))
 
-    has_bias = bias is not None
+    has_bias, unit = bias is not None, vector_unit(target)
     if isinstance(rows, int) and rows == 1:
-        kind, func = "gemv", make_gemv(n, k, has_bias)
+        kind, func = "gemv", make_gemv(n, k, has_bias, wdtype, split=unit.gemv_split)
     else:
-        kind, func = "gemm", make_gemm(n, k, has_bias, _target_threads(target))
-    gv = bb.add_func(func, f"linear_{kind}_n{n}_k{k}{'_bias' if has_bias else ''}")
+        kind, func = "gemm", make_gemm(n, k, has_bias, _target_threads(target), wdtype, rows=unit.gemm_rows)
+    half = "_f16" if wdtype == "float16" else ""
+    gv = bb.add_func(func, f"linear_{kind}_n{n}_k{k}{half}{'_bias' if has_bias else ''}")
     args = [x2d, w_packed] + ([bias] if has_bias else [])
     y2d = bb.emit(relax.call_tir(gv, args, relax.TensorType([rows, n], "float32")))
     if len(x_shape) == 2:
@@ -190,8 +202,6 @@ def _static_or_symbolic_shape(x: relax.Expr) -> list[tirx.PrimExpr]:
     ty = x.ty
     if not isinstance(ty, relax.TensorType) or not isinstance(ty.shape, relax.ShapeExpr):
         raise ValueError(f"linear operand needs a known shape, got {ty}")
-    if ty.dtype != "float32":
-        raise NotImplementedError(f"cpu linear kernels are fp32 only, got {ty.dtype}")
     return list(ty.shape.values)
 
 
@@ -249,11 +259,12 @@ def _zero(lo, hi, rows):
 
 @T.macro
 def _fma_row(lo, hi, i, xv, w, jo, kk):
-    """Tile row i += xv * w[jo, kk, :] (one broadcast, BLOCK_N / 16 vector FMAs)."""
+    """Tile row i += xv * w[jo, kk, :] (one broadcast, BLOCK_N / 16 vector FMAs; an f16 weight row is
+    widened on load, vcvtph2ps)."""
     for j in T.vectorized(HALF):
-        lo[i, j] = lo[i, j] + xv * w[jo, kk, j]
+        lo[i, j] = lo[i, j] + xv * T.Cast("float32", w[jo, kk, j])
     for j in T.vectorized(HALF):
-        hi[i, j] = hi[i, j] + xv * w[jo, kk, HALF + j]
+        hi[i, j] = hi[i, j] + xv * T.Cast("float32", w[jo, kk, HALF + j])
 
 
 @T.macro
@@ -295,16 +306,16 @@ def _row_store(n: int, has_bias: bool):
 
 
 @cache  # a model asks for the same few shapes hundreds of times; TVMScript parsing is slow
-def make_gemv(n: int, k: int, has_bias: bool) -> tirx.PrimFunc:
+def make_gemv(n: int, k: int, has_bias: bool, wdtype: str = "float32", *, split: int = GEMV_SPLIT_K) -> tirx.PrimFunc:
     """The M == 1 kernel: ``y[1, n] = x[1, k] @ W^T (+ bias)`` on the packed weight.
 
     Schedule: parallel over N blocks, so each thread reads one contiguous part of the
-    weight front to back. Per block, k is split by ``GEMV_SPLIT_K`` (rfactor): row k goes
-    to partial sum ``k % GEMV_SPLIT_K``, a ``BLOCK_N``-wide vector, giving 4 x 4 zmm
+    weight front to back. Per block, k is split by ``split`` (rfactor): row k goes
+    to partial sum ``k % split``, a ``BLOCK_N``-wide vector, giving (x86, split 4) 4 x 4 zmm
     independent FMA chains so that FMA latency never throttles the loads; the partial sums
-    are added once at the end, and the ``K % GEMV_SPLIT_K`` last rows go to partial sum 0.
+    are added once at the end, and the ``K % split`` last rows go to partial sum 0.
     """
-    nblocks, split = -(-n // BLOCK_N), GEMV_SPLIT_K
+    nblocks = -(-n // BLOCK_N)
     k_main = k // split * split
     store_row = _row_store(n, has_bias)
 
@@ -330,7 +341,7 @@ def make_gemv(n: int, k: int, has_bias: bool) -> tirx.PrimFunc:
         @T.prim_func(private=True)
         def gemv(
             x: T.Buffer((1, k), "float32"),
-            w: T.Buffer((nblocks, k, BLOCK_N), "float32"),
+            w: T.Buffer((nblocks, k, BLOCK_N), wdtype),
             b: T.Buffer((n,), "float32"),
             y: T.Buffer((1, n), "float32"),
         ):
@@ -343,7 +354,7 @@ def make_gemv(n: int, k: int, has_bias: bool) -> tirx.PrimFunc:
         @T.prim_func(private=True)
         def gemv(
             x: T.Buffer((1, k), "float32"),
-            w: T.Buffer((nblocks, k, BLOCK_N), "float32"),
+            w: T.Buffer((nblocks, k, BLOCK_N), wdtype),
             y: T.Buffer((1, n), "float32"),
         ):
             T.func_attr(_kernel_attrs())
@@ -354,14 +365,15 @@ def make_gemv(n: int, k: int, has_bias: bool) -> tirx.PrimFunc:
 
 
 @cache
-def make_gemm(n: int, k: int, has_bias: bool, threads: int = 1) -> tirx.PrimFunc:
+def make_gemm(n: int, k: int, has_bias: bool, threads: int = 1, wdtype: str = "float32", *,
+              rows: int = GEMM_ROWS) -> tirx.PrimFunc:
     """The general kernel for symbolic M: ``y[m, n] = x[m, k] @ W^T (+ bias)``.
 
     Schedule: per N block, the packed ``K x BLOCK_N`` weight panel stays in L2 while the
-    row tiles of x sweep over it. A ``GEMM_ROWS x BLOCK_N`` register tile accumulates over
-    all of K (per k: ``GEMM_ROWS`` broadcasts of x, one ``BLOCK_N`` weight row loaded once
+    row tiles of x sweep over it. A ``rows x BLOCK_N`` register tile (``rows`` <= 7) accumulates over
+    all of K (per k: ``rows`` broadcasts of x, one ``BLOCK_N`` weight row loaded once
     and reused by every row), then is stored once with the bias added. The
-    ``m % GEMM_ROWS`` remaining rows use 4-, 2- and 1-row tiles of the same code.
+    ``m % rows`` remaining rows use 4-, 2- and 1-row tiles of the same code.
 
     The first tile to touch a panel would stall on DRAM (a panel is 147 KB for K = 576),
     so every full tile also prefetches one cache line of the next panel per k step: the
@@ -372,8 +384,10 @@ def make_gemm(n: int, k: int, has_bias: bool, threads: int = 1) -> tirx.PrimFunc
     into ``threads`` equal parts, so every thread gets the same work even when the number
     of N blocks is small or not a multiple of the thread count (N = 192 is 3 blocks).
     """
-    nblocks, mr, parts = -(-n // BLOCK_N), GEMM_ROWS, threads
-    lines = BLOCK_N // 16  # cache lines per weight row of a panel
+    assert 1 <= rows <= 7, "the remainder tiles (4, 2, 1 rows) cover at most 7 rows"
+    nblocks, mr, parts = -(-n // BLOCK_N), rows, threads
+    per_line = 64 // np.dtype(wdtype).itemsize  # weights per 64-byte cache line
+    lines = BLOCK_N // per_line  # cache lines per weight row of a panel
     store_row = _row_store(n, has_bias)
 
     @T.macro
@@ -384,7 +398,7 @@ def make_gemm(n: int, k: int, has_bias: bool, threads: int = 1) -> tirx.PrimFunc
             w,
             T.min(jo + 1, nblocks - 1),
             step % (k * lines) // lines,
-            step % lines * 16,
+            step % lines * per_line,
         )
 
     @T.macro
@@ -419,7 +433,7 @@ def make_gemm(n: int, k: int, has_bias: bool, threads: int = 1) -> tirx.PrimFunc
         @T.prim_func(private=True)
         def gemm(
             var_x: T.handle,
-            w: T.Buffer((nblocks, k, BLOCK_N), "float32"),
+            w: T.Buffer((nblocks, k, BLOCK_N), wdtype),
             b: T.Buffer((n,), "float32"),
             var_y: T.handle,
         ):
@@ -435,7 +449,7 @@ def make_gemm(n: int, k: int, has_bias: bool, threads: int = 1) -> tirx.PrimFunc
         @T.prim_func(private=True)
         def gemm(
             var_x: T.handle,
-            w: T.Buffer((nblocks, k, BLOCK_N), "float32"),
+            w: T.Buffer((nblocks, k, BLOCK_N), wdtype),
             var_y: T.handle,
         ):
             T.func_attr(_kernel_attrs())

@@ -5,7 +5,8 @@ ever storing the f32 weight: it only exists in registers (GEMV) or in one cache-
 (GEMM). Covered (:func:`supports`): integer schemes whose groups hold whole u32 words (8-, 4-,
 2-bit codes; any group that is a multiple of ``32 // bits``, or one group per row; a short last
 group too, when ``K`` is a multiple of ``32 // bits``), and 4-bit codebook schemes (NF4) on x86
-CPUs with AVX-512. Others (3-bit codes in groups of 128, FP8) keep the generic dequantize.
+CPUs with AVX-512. Others (3-bit codes in groups of 128, FP8) keep the generic dequantize. The
+accumulator blocking below is x86's; aarch64 keeps fewer rows and partial sums (``cpu_isa.NEON``).
 
 Weight layout
 -------------
@@ -71,9 +72,11 @@ from .cpu_linear import (
     _static_or_symbolic_shape,
     _target_threads,
 )
+from .cpu_isa import vector_unit
 
 PARTIAL_SUMS = 2
-"""Partial sums per output vector in the GEMV: codes at even and odd positions of a word."""
+"""Partial sums per output vector in the GEMV on x86: codes at even and odd positions of a word
+(aarch64: cpu_isa.NEON's 1, its 64 columns already being 16 registers)."""
 
 LANES = 16
 """f32 lanes of an AVX-512 register (the codebook kernels' explicit vectors)."""
@@ -182,10 +185,11 @@ def emit_quant_linear(bb: relax.BlockBuilder, x: relax.Expr, packed: relax.Expr,
     x2d = x if len(x_shape) == 2 else bb.emit(relax.op.reshape(x, [rows, k]))
     shape = QuantShape(n, k, scheme.bits, scheme.group_of(k), zeros is not None, bias is not None,
                        scheme.codebook is not None)
+    unit = vector_unit(target)
     if isinstance(rows, int) and rows == 1:
-        kind, func = "gemv", make_quant_gemv(shape)
+        kind, func = "gemv", make_quant_gemv(shape, unit.quant_partial_sums)
     else:
-        kind, func = "gemm", make_quant_gemm(shape, _target_threads(target))
+        kind, func = "gemm", make_quant_gemm(shape, _target_threads(target), unit.gemm_rows)
     gv = bb.add_func(func, f"quant_linear_{kind}_{shape.tag}")
     args = [x2d, *parts] + ([bias] if bias is not None else [])
     y2d = bb.emit(relax.call_tir(gv, args, relax.TensorType([rows, n], "float32")))
@@ -323,9 +327,9 @@ class _Levels:
 # ---- kernels -----------------------------------------------------------------------------------
 
 @cache  # a model asks for the same few shapes many times
-def make_quant_gemv(shape: QuantShape) -> tirx.PrimFunc:
-    """The M == 1 kernel (see the module docstring): per N block, per group, two partial sums of
-    ``x[k] * level`` over the group's words, then ``y += s * (sum - zero * xsum[g])``."""
+def make_quant_gemv(shape: QuantShape, partial_sums: int = PARTIAL_SUMS) -> tirx.PrimFunc:
+    """The M == 1 kernel (see the module docstring): per N block, per group, ``partial_sums``
+    partial sums of ``x[k] * level`` over the group's words, then ``y += s * (sum - zero * xsum[g])``."""
     n, k, group, per_word = shape.n, shape.k, shape.group, shape.per_word
     with IRBuilder() as builder:
         with T.prim_func(private=True):
@@ -348,7 +352,7 @@ def make_quant_gemv(shape: QuantShape) -> tirx.PrimFunc:
                         scale = tirx.const(2.0 ** (-shape.bits * i), "float32")
                         T.buffer_store(x_scaled, x[0, w * per_word + i] * scale, [w * per_word + i])
             with T.parallel(0, shape.nblocks) as jo:
-                out, partial = _Tile(1), _Tile(PARTIAL_SUMS)
+                out, partial = _Tile(1), _Tile(partial_sums)
                 out.zero()
                 for first, count, words in shape.group_runs:
                     with T.serial(0, count) as gi:
@@ -360,16 +364,16 @@ def make_quant_gemv(shape: QuantShape) -> tirx.PrimFunc:
                             for i in range(per_word):
                                 if shape.codebook:
                                     xk = tirx.Broadcast(x[0, w * per_word + i], LANES)
-                                    partial.add_vectors(i % PARTIAL_SUMS, lambda col0, i=i, xk=xk:
+                                    partial.add_vectors(i % partial_sums, lambda col0, i=i, xk=xk:
                                                         xk * levels.codebook_vector(jo, w, col0, i))
                                 else:
                                     xk = x_scaled[w * per_word + i]
-                                    partial.add(i % PARTIAL_SUMS, lambda col, i=i, xk=xk:
+                                    partial.add(i % partial_sums, lambda col, i=i, xk=xk:
                                                 xk * levels.code_in_place(jo, w, col[0] * HALF + col[1], i))
 
                         def group_total(col):
                             total = partial.at(0, col)
-                            for p in range(1, PARTIAL_SUMS):
+                            for p in range(1, partial_sums):
                                 total = total + partial.at(p, col)
                             zero = levels.zero(jo, g, col[0] * HALF + col[1])
                             total = total - zero * xsum[g] if zero is not None else total
@@ -381,13 +385,14 @@ def make_quant_gemv(shape: QuantShape) -> tirx.PrimFunc:
 
 
 @cache
-def make_quant_gemm(shape: QuantShape, threads: int = 1) -> tirx.PrimFunc:
+def make_quant_gemm(shape: QuantShape, threads: int = 1, rows: int = GEMM_ROWS) -> tirx.PrimFunc:
     """The kernel for symbolic M (see the module docstring): per (N block, row part) task, the
-    block's f32 panel is dequantized into a buffer, then ``GEMM_ROWS x 64`` register tiles (and
-    4-, 2-, 1-row tiles for the ``M % GEMM_ROWS`` remainder) sweep it, as in cpu_linear.make_gemm.
+    block's f32 panel is dequantized into a buffer, then ``rows x 64`` register tiles (and
+    4-, 2-, 1-row tiles for the ``M % rows`` remainder) sweep it, as in cpu_linear.make_gemm.
     The parallel loop runs over (N block, row part) pairs, the full row tiles split into
     ``threads`` equal parts; parts without rows skip the dequantization."""
-    n, k, per_word, mr, parts = shape.n, shape.k, shape.per_word, GEMM_ROWS, threads
+    assert 1 <= rows <= 7, "the remainder tiles (4, 2, 1 rows) cover at most 7 rows"
+    n, k, per_word, mr, parts = shape.n, shape.k, shape.per_word, rows, threads
     with IRBuilder() as builder:
         with T.prim_func(private=True):
             T.func_attr(_kernel_attrs())

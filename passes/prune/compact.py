@@ -33,24 +33,9 @@ from ...ir.sparse_format import NMFormat, parse_nm
 from ...ir.types import TensorType
 from ...ir.weights import WeightStore
 from ..base import Pass, PassResult, map_functions
-from ..rewrite import rebuild, renamed
+from ..rewrite import rebuild, renamed, weight_reads
 
 LINEAR_WEIGHT = ("linear", 1)
-
-
-def weight_reads(module: Module) -> dict[str, set[tuple[str, int]]]:
-    """weight name -> {(op, operand index)} over every function; a function output is ("output", 0)."""
-    reads: dict[str, set[tuple[str, int]]] = {}
-    for func in module.functions.values():
-        weights = {n.name: n.attr["name"] for n in func.nodes if n.op == "weight"}
-        for node in func.nodes:
-            for index, value in enumerate(node.inputs):
-                if value in weights:
-                    reads.setdefault(weights[value], set()).add((node.op, index))
-        for _, value in func.outputs:
-            if value in weights:
-                reads.setdefault(weights[value], set()).add(("output", 0))
-    return reads
 
 
 def best_format(w: np.ndarray, formats: list[NMFormat]) -> NMFormat | None:
@@ -145,4 +130,4 @@ class CompactSparse(Pass):
         return PassResult(result.module, {**result.stats, **stats, "weights_compacted": len(chosen)})
 
 
-__all__ = ["CompactSparse", "best_format", "weight_reads"]
+__all__ = ["CompactSparse", "best_format"]

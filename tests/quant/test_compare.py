@@ -149,7 +149,7 @@ def test_threads_need_compare(artifacts, capsys):
     assert "apply only to eval --compare" in _fails(["eval", str(artifacts / "fp32"), "--threads", "2"], capsys)
 
 
-MIXED = "prune=magnitude:0.5,lowrank=svd:0.3+w8,prune=magnitude:2:4+quant=w4g32"
+MIXED = "prune=magnitude:0.5,lowrank=svd:0.3+w8,prune=magnitude:2:4+quant=w4g32,dtype=fp16"
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +180,9 @@ def test_pruned_and_factorized_variants_get_rows(mixed, tiny_llama):
     for spec in MIXED.split(","):
         assert rows[spec]["perplexity"] != rows["fp32"]["perplexity"] and rows[spec]["kl_mean"] > 0
     assert rows["prune=magnitude:2:4+quant=w4g32"]["weight_bytes"] < rows["lowrank=svd:0.3+w8"]["weight_bytes"]
+    half = rows["dtype=fp16"]["weight_bytes"] / rows["fp32"]["weight_bytes"]  # f16 matrices, f32 norm weights
+    assert 0.5 < half < 0.52 and rows["dtype=fp16"]["parameters"] == dense
+    assert rows["dtype=fp16"]["kl_mean"] < 1e-5 < rows["prune=magnitude:0.5"]["kl_mean"]
     shards = [load_file(p) for p in (out / "artifacts" / "prune_magnitude_0.5" / "weights").iterdir()]
     projections = [a for shard in shards for name, a in shard.items() if "layers" in name and "norm" not in name]
     zeros = sum(int((a == 0).sum()) for a in projections) / sum(a.size for a in projections)
@@ -193,6 +196,7 @@ def test_pruned_and_factorized_variants_get_rows(mixed, tiny_llama):
     ("prune=magnitude:0.5+prune=wanda:0.5", "has two prune steps"),
     ("prune=nosuch:0.5", "'prune=nosuch:0.5'"),
     ("lowrank=svd:2", "'lowrank=svd:2'"),
+    ("w8+dtype=fp8", "dtype=fp8 is not one of fp32, fp16"),
 ])
 def test_bad_variant_steps_are_user_errors(tiny_llama, text, tmp_path, capsys, spec, message):
     err = _fails(["eval", str(tiny_llama), "--compare", spec, "--text", str(text), "--context", str(CONTEXT),
