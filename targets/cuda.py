@@ -8,8 +8,9 @@ the driver and TVM's runtime, not a compiler.
 
 A linear is one TE compute reading the weight as stored, ``[N, K]`` (an NT matmul; Relax's
 ``linear`` would transpose each weight into a new buffer on every call), and a quantized linear the
-same with the dequantize inlined (codegen/kernels/gpu_linear.py, quant_linear_te.py): dlight's GEMV
-(decode) and Matmul (prefill) rules schedule each as one kernel. The rest is legalized Relax,
+same with the dequantize inlined for decode, which dlight's GEMV rule schedules, and for prefill the
+weight's dequantize kernel, then the NT matmul, which its Matmul rule tiles (codegen/kernels/
+gpu_linear.py, quant_linear_te.py). The rest is legalized Relax,
 scheduled by TVM's dlight GPU rules. Weights stay in the IR's layout.
 """
 

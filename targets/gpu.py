@@ -10,7 +10,15 @@ def emit_linear(bb, x, w, bias, out_features=None):
 
 
 def emit_quant_linear(bb, x, packed, scales, zeros, bias, scheme, out_features, in_features):
+    """Decode (one row): the fused dequantize-GEMV; prefill: dequantize, then the tiled NT matmul."""
     from ..codegen.kernels.gpu_linear import emit_quant_linear as emit
+    return emit(bb, x, packed, scales, zeros, bias, scheme, out_features, in_features)
+
+
+def emit_fused_quant_linear(bb, x, packed, scales, zeros, bias, scheme, out_features, in_features):
+    """The fused dequantize-matmul for every number of rows: for targets whose schedule rules leave
+    out dlight's Matmul rule (webgpu), where a dequantized weight would buy prefill no better schedule."""
+    from ..codegen.kernels.gpu_linear import emit_fused_quant_linear as emit
     return emit(bb, x, packed, scales, zeros, bias, scheme, out_features, in_features)
 
 

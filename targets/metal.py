@@ -4,8 +4,8 @@ The kernels are Metal Shading Language source, which the Metal runtime compiles 
 is loaded, so one artifact serves every Apple silicon GPU; ``--arch`` (m1 .. m4, default m1) only
 names the CPU the small host part is compiled for (a newer Mac runs an older one's code). The
 library is linked on any machine with PyPI ziglang (codegen/metal_toolchain.py), no Xcode. The
-kernels are the CUDA target's (an NT matmul per linear, the dequantize fused into quantized
-linears), scheduled by TVM's dlight GPU rules (the Matmul rule uses simdgroup matrices on Metal).
+kernels are the CUDA target's (an NT matmul per linear; a quantized one dequantizes inside the
+decode GEMV and as its own kernel before prefill's tiled matmul), scheduled by TVM's dlight GPU rules (the Matmul rule uses simdgroup matrices on Metal).
 """
 
 from __future__ import annotations

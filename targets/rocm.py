@@ -5,7 +5,8 @@ arch, in one clang offload bundle (codegen/rocm_toolchain.py); HIP loads the one
 An AMD code object runs only on its own arch. The kernels are scheduled once, for all requested archs,
 and code-generated per arch: warps are 64 lanes when every arch runs wave64 (gfx9: CDNA), else 32
 (valid on wave64 and wave32 GPUs alike; RDNA runs wave32). The kernels are the CUDA target's (an NT
-matmul per linear, the dequantize fused into quantized linears, TVM's dlight GPU rules for the rest).
+matmul per linear; a quantized one dequantizes inside the decode GEMV and as its own kernel before
+prefill's tiled matmul; TVM's dlight GPU rules for the rest).
 
 The build needs Debian's rocm-device-libs (or a ROCm install) and an ld.lld of LLVM 22 or newer
 (PyPI ziglang), no GPU; the device needs a TVM runtime built with ROCm.

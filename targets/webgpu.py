@@ -78,7 +78,7 @@ TARGET = TargetSpec(
                  "artifact folder over HTTP and open web/index.html (tvmjs ships inside it)",
     emit_linear=gpu.emit_linear,
     schedule_rules=_schedule_rules,
-    emit_quant_linear=gpu.emit_quant_linear,
+    emit_quant_linear=gpu.emit_fused_quant_linear,  # no Matmul rule: prefill keeps the fused form
     quant_linear_supports=gpu.quant_linear_supports,
     arch_help="none (WebGPU picks the adapter at run time)",
     build_needs="emscripten and Node.js (apt-get install emscripten nodejs npm), tvmjs (npm ci in llmopt's web/); "

@@ -2,10 +2,11 @@
 
 Operands are in the IR's layout (ir/quant_schemes.py): ``packed`` u32 ``[N, words]`` holding the
 codes of each row little-end first, ``scales`` (and, for schemes with zero points, ``zeros``) f32
-``[N, groups]``, and for codebook schemes a f32 ``codebook`` table of ``2**bits`` levels. The
-weight is never materialized: :func:`dequantized_weight` is an element expression, inlined into
-whatever reads it, e.g. the reduction of :func:`quant_linear_te` (one ``te.compute``, the form
-that GPU GEMV/GEMM schedule rules recognize as a dequantize fused into an NT matmul).
+``[N, groups]``, and for codebook schemes a f32 ``codebook`` table of ``2**bits`` levels.
+:func:`dequantized_weight` is an element expression, inlined into whatever reads it, e.g. the
+reduction of :func:`quant_linear_te` (one ``te.compute``, the form dlight's GPU GEMV rule
+recognizes as a dequantize fused into a matrix-vector product: decode), or a ``te.compute`` of the
+dense weight (GPU prefill, whose matmul then reads it: codegen/kernels/gpu_linear.py).
 
 The CPU kernels (cpu_quant_linear.py) compute the same function on a repacked layout with their
 own loop nests; the generic ``dequantize`` lowering materializes :func:`dequantized_weight`.

@@ -92,8 +92,10 @@ def test_library_is_x86_64_with_one_fatbin_for_exactly_the_archs(cuda_build):
         assert entry.compressed or entry.elf_arch == entry.arch  # the cubin's own header agrees
     assert b"__global__" not in data  # no CUDA source left to compile
     kernels = set(re.findall(rb"[A-Za-z0-9_]+_kernel", data))
-    if quant:  # dequantize fused into the linears' kernels: no kernel materializes a weight
-        assert any(b"quant_linear" in k for k in kernels) and not any(b"dequantize" in k for k in kernels)
+    if quant:  # decode: dequantize fused into the GEMV kernels; prefill: each weight's dequantize kernel, then
+        # a tiled matmul (test_gpu_quant_prefill.py); never the generic dequantize lowering
+        assert any(b"quant_linear" in k for k in kernels) and any(b"dequantize_weight" in k for k in kernels)
+        assert not any(re.fullmatch(rb"dequantize\d*_kernel", k) for k in kernels)
     if shutil.which("cuobjdump"):
         listing = subprocess.run(["cuobjdump", "--list-elf", str(out / "model.so")], capture_output=True,
                                  text=True, check=True).stdout

@@ -85,8 +85,9 @@ def test_library_carries_msl_source_for_the_models_kernels(metal_build):
     assert data.count(b"#include <metal_stdlib>") == len(kernels)  # one MSL source per kernel
     families = {re.sub(r"(_\d+x\d+_float32)?\d*_kernel$", "", k) for k in kernels}
     assert {"kv_write", "rms_norm", "softmax", "take", "rope"} <= families
-    if quant:  # dequantize fused into the linears' kernels, reading the packed uint32 codes
-        assert "quant_linear" in families and not any("dequantize" in k for k in kernels)
+    if quant:  # decode: dequantize fused into the GEMV kernels, reading the packed uint32 codes; prefill:
+        # each weight's dequantize kernel, then a tiled matmul; never the generic dequantize lowering
+        assert {"quant_linear", "dequantize_weight"} <= families and "dequantize" not in families
         source = data[data.index(b"kernel void quant_linear_kernel("):]
         assert b"device uint*" in source[:source.index(b") {")]  # among its parameters
     else:

@@ -87,8 +87,10 @@ def test_library_is_x86_64_with_a_code_object_for_exactly_each_arch(rocm_build):
         assert all((data.index(payload) - start) % 4096 == 0 for _, payload in bundles[0][1:])  # page-aligned
     kernels = _kernels(data)
     assert {"kv_write", "rms_norm", "softmax"} <= {re.sub(r"(_\d+x\d+_float32)?\d*_kernel$", "", k) for k in kernels}
-    if quant:  # dequantize fused into the linears' kernels: no kernel materializes a weight
-        assert any(k.startswith("quant_linear") for k in kernels) and not any("dequantize" in k for k in kernels)
+    if quant:  # decode: dequantize fused into the GEMV kernels; prefill: each weight's dequantize kernel, then
+        # a tiled matmul (test_gpu_quant_prefill.py); never the generic dequantize lowering
+        assert any(k.startswith("quant_linear") for k in kernels) and any("dequantize_weight" in k for k in kernels)
+        assert not any(re.fullmatch(r"dequantize\d*_kernel", k) for k in kernels)
     else:
         assert any(k.startswith("linear") for k in kernels)
     assert not re.search(rb"define [a-z ]*@|\.amdgcn_target", data)  # no LLVM IR or assembly left in the library
