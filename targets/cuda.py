@@ -35,14 +35,7 @@ def cuda_target(arch: str | None) -> dict:
     return {"kind": "cuda", "arch": lowest, "max_shared_memory_per_block": SHARED_MEMORY, "host": dict(HOST)}
 
 
-def _check_toolchain(arch: str | None) -> None:
-    from ..codegen.cuda_toolchain import check_toolchain
-    check_toolchain(_archs(arch))
-
-
-def _compile_context(arch: str | None):
-    from ..codegen.cuda_toolchain import compile_context
-    return compile_context(_archs(arch))
+_check_toolchain, _compile_context = gpu.arch_toolchain("cuda_toolchain", lambda arch: _archs(arch))
 
 
 TARGET = TargetSpec(
@@ -53,10 +46,6 @@ TARGET = TargetSpec(
     tvm_target=cuda_target,
     device_needs="an NVIDIA GPU of a built arch with its driver, R580 or newer (CUDA 13), and the TVM runtime "
                  "(pip install apache-tvm, whose libtvm_runtime_cuda loads the fatbin; no CUDA toolkit)",
-    emit_linear=gpu.emit_linear,
-    schedule_rules=gpu.schedule_rules,
-    emit_quant_linear=gpu.emit_quant_linear,
-    quant_linear_supports=gpu.quant_linear_supports,
     arch_help=f"{', '.join(ARCHS)}; several comma-separated, e.g. sm_80,sm_90 (default: {','.join(DEFAULT_ARCHS)}); "
               "a GPU runs SASS of its major version and a lower minor (sm_80 covers sm_86 and sm_89)",
     build_needs="nvcc (pip install nvidia-cuda-nvcc, or the CUDA toolkit) and gcc; no GPU",
@@ -65,5 +54,5 @@ TARGET = TargetSpec(
     default_archs=DEFAULT_ARCHS,
     check_toolchain=_check_toolchain,
     compile_context=_compile_context,
-    dtypes=("fp32", "fp16"),
+    **gpu.shared_fields(),
 )

@@ -32,3 +32,27 @@ def schedule_rules():
     from tvm.s_tir import dlight
     return [dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(), dlight.gpu.GeneralReduction(),
             dlight.gpu.Fallback()]
+
+
+def shared_fields(**overrides) -> dict:
+    """The TargetSpec fields every GPU target shares (its kernels, schedule rules and dtypes), with
+    ``overrides`` for a target that differs (e.g. webgpu's rules): ``TargetSpec(..., **shared_fields())``."""
+    return {"emit_linear": emit_linear, "schedule_rules": schedule_rules, "emit_quant_linear": emit_quant_linear,
+            "quant_linear_supports": quant_linear_supports, "dtypes": ("fp32", "fp16"), **overrides}
+
+
+def arch_toolchain(toolchain: str, archs) -> tuple:
+    """``(check_toolchain, compile_context)`` hooks of a multi-arch target: each imports
+    ``codegen/<toolchain>.py`` when called and passes it the requested archs (``archs(arch)``)."""
+    import importlib
+
+    def module():
+        return importlib.import_module(f"..codegen.{toolchain}", __package__)
+
+    def check_toolchain(arch):
+        module().check_toolchain(archs(arch))
+
+    def compile_context(arch):
+        return module().compile_context(archs(arch))
+
+    return check_toolchain, compile_context

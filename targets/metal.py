@@ -49,10 +49,6 @@ TARGET = TargetSpec(
     device_needs="a Mac with Apple silicon (arm64 macOS 11 or later) and the TVM runtime for macOS "
                  "(pip install apache-tvm==0.27.0.post1 'apache-tvm-ffi<0.1.15', whose Metal runtime compiles "
                  "the kernels at load); no Xcode",
-    emit_linear=gpu.emit_linear,
-    schedule_rules=gpu.schedule_rules,
-    emit_quant_linear=gpu.emit_quant_linear,
-    quant_linear_supports=gpu.quant_linear_supports,
     archs=ARCHS,
     default_archs=("m1",),
     arch_help="m1, m2, m3, m4: the CPU of the host code (default m1, which every Apple silicon Mac runs); "
@@ -61,5 +57,5 @@ TARGET = TargetSpec(
     check_toolchain=_check_toolchain,
     compile_context=_compile_context,
     package_library=_package_library,
-    dtypes=("fp32", "fp16"),
+    **gpu.shared_fields(),
 )

@@ -35,14 +35,7 @@ def rocm_target(arch: str | None) -> dict:
     return {"kind": "rocm", "mcpu": archs[0], "thread_warp_size": warp, "host": dict(HOST)}
 
 
-def _check_toolchain(arch: str | None) -> None:
-    from ..codegen.rocm_toolchain import check_toolchain
-    check_toolchain(_archs(arch))
-
-
-def _compile_context(arch: str | None):
-    from ..codegen.rocm_toolchain import compile_context
-    return compile_context(_archs(arch))
+_check_toolchain, _compile_context = gpu.arch_toolchain("rocm_toolchain", lambda arch: _archs(arch))
 
 
 TARGET = TargetSpec(
@@ -54,10 +47,6 @@ TARGET = TargetSpec(
     device_needs="an AMD GPU of a built arch with ROCm (its runtime must load AMDGPU code object v6) and a TVM "
                  "runtime built with ROCm (USE_ROCM=ON, TVM 0.27; the PyPI apache-tvm wheel for Linux has no ROCm "
                  "runtime); no compiler",
-    emit_linear=gpu.emit_linear,
-    schedule_rules=gpu.schedule_rules,
-    emit_quant_linear=gpu.emit_quant_linear,
-    quant_linear_supports=gpu.quant_linear_supports,
     arch_help=f"{', '.join(ARCHS)}; several comma-separated, e.g. gfx90a,gfx942 (default: {','.join(DEFAULT_ARCHS)}); "
               "a code object runs only on its own arch",
     build_needs="the ROCm device libraries (apt-get install rocm-device-libs), an ld.lld of LLVM 22 or newer "
@@ -67,5 +56,5 @@ TARGET = TargetSpec(
     default_archs=DEFAULT_ARCHS,
     check_toolchain=_check_toolchain,
     compile_context=_compile_context,
-    dtypes=("fp32", "fp16"),
+    **gpu.shared_fields(),
 )

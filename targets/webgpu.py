@@ -76,15 +76,12 @@ TARGET = TargetSpec(
     tvm_target=webgpu_target,
     device_needs="a browser with WebGPU (Chrome/Edge 113+, or Chromium with --enable-unsafe-webgpu); serve the "
                  "artifact folder over HTTP and open web/index.html (tvmjs ships inside it)",
-    emit_linear=gpu.emit_linear,
-    schedule_rules=_schedule_rules,
-    emit_quant_linear=gpu.emit_fused_quant_linear,  # no Matmul rule: prefill keeps the fused form
-    quant_linear_supports=gpu.quant_linear_supports,
     arch_help="none (WebGPU picks the adapter at run time)",
     build_needs="emscripten and Node.js (apt-get install emscripten nodejs npm), tvmjs (npm ci in llmopt's web/); "
                 "no GPU",
     check_free_arch=lambda arch: "WebGPU takes no --arch (the browser picks the adapter): leave it out.",
     check_toolchain=_check_toolchain,
     package_library=_package_library,
-    dtypes=("fp32", "fp16"),
+    # no Matmul rule, so prefill keeps the fused dequantize-matmul form
+    **gpu.shared_fields(schedule_rules=_schedule_rules, emit_quant_linear=gpu.emit_fused_quant_linear),
 )
