@@ -12,26 +12,22 @@ later build when the cores are few.
 
 import json
 import re
-import time
 from pathlib import Path
 
 import torch  # noqa: F401  (torch before tvm)
 
-from llmopt.compiler import BuildOptions, build
-from llmopt.runtime import load
-from llmopt.runtime.perplexity import perplexity
+from llmopt.compiler import BuildOptions
 
-PERSUASION = Path("/work/shared/data/austen/persuasion.txt")
+from persuasion import artifact_perplexity, built
+
 CONTEXT, TOKENS = 256, 4096  # 16 windows
 CALIBRATION = (("samples", "16"), ("seq_len", "128"))
 RATIO = 0.2
 
 
-def built(folder: Path, lowrank: str | None) -> Path:
-    start = time.perf_counter()
-    build("smollm2", folder, BuildOptions(lowrank=lowrank, calibration=CALIBRATION if lowrank else ()))
-    print(f"{lowrank or 'dense'}: build {time.perf_counter() - start:.0f} s")
-    return folder
+def built_lowrank(folder: Path, lowrank: str | None) -> Path:
+    return built(folder, "smollm2", BuildOptions(lowrank=lowrank, calibration=CALIBRATION if lowrank else ()),
+                 lowrank or "dense")
 
 
 def linear_params(folder: Path, dense: dict[str, tuple[int, int]] | None = None) -> dict[str, int]:
@@ -52,18 +48,8 @@ def linear_params(folder: Path, dense: dict[str, tuple[int, int]] | None = None)
     return params
 
 
-def artifact_perplexity(folder: Path, label: str) -> float:
-    start = time.perf_counter()
-    model = load(folder)
-    ids = model.tokenizer.encode(PERSUASION.read_text(encoding="utf-8"))
-    result = perplexity(model.forward_logits, ids, CONTEXT, TOKENS)
-    assert (result.context, result.scored) == (CONTEXT, TOKENS // CONTEXT * (CONTEXT - 1))
-    print(f"{label}: {result.describe()} (eval {time.perf_counter() - start:.0f} s)")
-    return result.perplexity
-
-
 def test_asvd_closes_most_of_the_svd_gap_at_a_fifth_fewer_parameters(tmp_path):
-    folders = {label: built(tmp_path / label, spec)
+    folders = {label: built_lowrank(tmp_path / label, spec)
                for label, spec in (("dense", None), ("svd", f"svd:{RATIO}"), ("asvd", f"asvd:{RATIO}"))}
     dense_shapes = {}
     for weight in json.loads((folders["dense"] / "manifest.json").read_text())["weights"]:
@@ -78,7 +64,7 @@ def test_asvd_closes_most_of_the_svd_gap_at_a_fifth_fewer_parameters(tmp_path):
         print(f"{label}: {reduction:.4%} fewer linear parameters")
         assert RATIO <= reduction < RATIO + 0.002
 
-    ppl = {label: artifact_perplexity(folder, label) for label, folder in folders.items()}
+    ppl = {label: artifact_perplexity(folder, CONTEXT, TOKENS, label) for label, folder in folders.items()}
     closed = (ppl["svd"] - ppl["asvd"]) / (ppl["svd"] - ppl["dense"])
     print(f"{RATIO:.0%} fewer parameters: dense {ppl['dense']:.3f}, svd {ppl['svd']:.3f}, asvd {ppl['asvd']:.3f}: "
           f"asvd closes {closed:.2%} of the gap")

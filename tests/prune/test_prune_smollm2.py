@@ -8,31 +8,21 @@ within output rows or column blocks, which fusion does not change). The LM head 
 embeddings) stays dense.
 """
 
-import time
 from pathlib import Path
 
 import torch  # noqa: F401  (torch before tvm)
 
-from llmopt.compiler import BuildOptions, build
-from llmopt.runtime import load
-from llmopt.runtime.perplexity import perplexity
+from llmopt.compiler import BuildOptions
 
-PERSUASION = Path("/work/shared/data/austen/persuasion.txt")
+from persuasion import artifact_perplexity as persuasion_perplexity, built
+
 CONTEXT, TOKENS = 256, 4096  # 16 windows: the gaps here are large (magnitude ~10x dense)
 CALIBRATION = (("samples", "16"), ("seq_len", "128"))
 
 
 def artifact_perplexity(folder: Path, prune: str | None) -> float:
-    start = time.perf_counter()
-    build("smollm2", folder, BuildOptions(prune=prune, calibration=CALIBRATION if prune else ()))
-    built = time.perf_counter()
-    model = load(folder)
-    ids = model.tokenizer.encode(PERSUASION.read_text(encoding="utf-8"))
-    result = perplexity(model.forward_logits, ids, CONTEXT, TOKENS)
-    assert (result.context, result.scored) == (CONTEXT, TOKENS // CONTEXT * (CONTEXT - 1))
-    print(f"{prune or 'dense'}: {result.describe()} (build {built - start:.0f} s, "
-          f"eval {time.perf_counter() - built:.0f} s)")
-    return result.perplexity
+    built(folder, "smollm2", BuildOptions(prune=prune, calibration=CALIBRATION if prune else ()), prune or "dense")
+    return persuasion_perplexity(folder, CONTEXT, TOKENS, prune or "dense")
 
 
 def test_wanda_and_sparsegpt_close_most_of_the_magnitude_gap_at_half_sparsity(tmp_path):

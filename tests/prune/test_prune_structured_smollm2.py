@@ -8,40 +8,22 @@ that baseline: each method's log-perplexity gap to dense must be at most a third
 """
 
 import math
-import time
 from pathlib import Path
 
 import numpy as np
 import torch  # noqa: F401  (torch before tvm)
 
-from llmopt.compiler import BuildOptions, build, load
+from llmopt.compiler import BuildOptions, load
 from llmopt.passes.prune.blocks import find_blocks
 from llmopt.passes.prune.shrink import shrink_module
 from llmopt.passes.prune.structure_plan import Removal
-from llmopt.runtime import load as load_artifact
 from llmopt.runtime.manifest import read_manifest
-from llmopt.runtime.perplexity import perplexity
 
-PERSUASION = Path("/work/shared/data/austen/persuasion.txt")
+from persuasion import artifact_perplexity, built
+
 CONTEXT, TOKENS = 256, 4096  # 16 windows, as the unstructured pruning test
 CALIBRATION = (("samples", "16"), ("seq_len", "128"))
 FRACTION = 0.2
-
-
-def artifact_perplexity(folder: Path) -> float:
-    model = load_artifact(folder)
-    ids = model.tokenizer.encode(PERSUASION.read_text(encoding="utf-8"))
-    result = perplexity(model.forward_logits, ids, CONTEXT, TOKENS)
-    assert (result.context, result.scored) == (CONTEXT, TOKENS // CONTEXT * (CONTEXT - 1))
-    print(f"{folder.name}: {result.describe()}")
-    return result.perplexity
-
-
-def built(folder: Path, model, options: BuildOptions) -> Path:
-    start = time.perf_counter()
-    build(model, folder, options)
-    print(f"{folder.name}: built in {time.perf_counter() - start:.0f} s")
-    return folder
 
 
 def decoder_params(folder: Path) -> int:
@@ -79,7 +61,7 @@ def test_flap_and_wanda_sp_remove_a_fifth_of_the_parameters_far_better_than_rand
     for method in ("flap", "wanda-sp"):
         folders[f"random-{method}"] = built(tmp_path / f"random-{method}", random_structure(folders[method]),
                                             BuildOptions())
-    ppl = {name: artifact_perplexity(folder) for name, folder in folders.items()}
+    ppl = {name: artifact_perplexity(folder, CONTEXT, TOKENS) for name, folder in folders.items()}
     params = {name: decoder_params(folder) for name, folder in folders.items()}
     sizes = {name: weight_bytes(folder) for name, folder in folders.items()}
     for name in folders:

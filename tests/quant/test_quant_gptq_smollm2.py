@@ -11,22 +11,16 @@ from pathlib import Path
 import torch  # noqa: F401  (torch before tvm)
 
 from llmopt.compiler import BuildOptions, build
-from llmopt.runtime import load
-from llmopt.runtime.perplexity import perplexity
 
-PERSUASION = Path("/work/shared/data/austen/persuasion.txt")
+from persuasion import artifact_perplexity as persuasion_perplexity
+
 CONTEXT, TOKENS = 256, 6144  # 24 windows: on the first 2048 tokens alone (title, a genealogy) the gap is noisy
 CALIBRATION = (("samples", "32"), ("seq_len", "128"))
 
 
 def artifact_perplexity(folder: Path, quant: str | None) -> float:
     build("smollm2", folder, BuildOptions(quant=quant, calibration=CALIBRATION if quant else ()))
-    model = load(folder)
-    ids = model.tokenizer.encode(PERSUASION.read_text(encoding="utf-8"))
-    result = perplexity(model.forward_logits, ids, CONTEXT, TOKENS)
-    assert (result.context, result.scored) == (CONTEXT, TOKENS // CONTEXT * (CONTEXT - 1))
-    print(f"{quant or 'fp32'}: {result.describe()}")
-    return result.perplexity
+    return persuasion_perplexity(folder, CONTEXT, TOKENS, quant or "fp32")
 
 
 def test_gptq_closes_half_of_the_round_to_nearest_gap(tmp_path):
