@@ -23,17 +23,31 @@ proportion to their correlation with it (the inverse of the Hessian ``H = 2/n X^
   stay consecutive input features, as the scheme stores them, so act-order costs nothing at run
   time (unlike formats that keep a group index per column) and is on by default.
 
+Sparse weights (joint sparse + quantization, as in SparseGPT's joint mode). With ``keep_zeros``
+(default on), the weights stored as exactly 0 (a pruning pass's mask: ``prune-*`` passes leave pruned
+weights exactly 0, and a dense weight rarely holds an exact 0, which then simply stays 0) are the
+mask: when its column is reached, a masked weight's quantized value is 0 (the code of 0 on its
+group's grid) and its error ``(w_j - 0) / U_jj``, where ``w_j`` is its current, error-updated value,
+is spread over the later columns like any rounding error; the other weights are rounded as above. A
+group's grid is chosen with its masked weights at 0, so 0 is on it: symmetric integer grids have
+the code of 0 anyway, an asymmetric grid's integer zero point lies in the code range because the
+group's range contains 0, and codebook schemes need a level 0 (NF4 and FP8 have one; a codebook
+without one is an error). The dequantized weight is checked to be exactly 0 at every masked
+position, so N:M patterns and unstructured masks survive quantization. ``keep_zeros=false`` is plain
+GPTQ, whose error updates refill pruned weights.
+
 The codes, scales and zeros are exactly the scheme's format: ``Scheme.dequantize`` of the result
 is what the rewritten graph computes. The error-spreading loop runs in float32 once ``U`` is known.
 
 Options: ``damp`` (fraction of the mean of ``diag(H)``, default 0.01), ``block_size`` (128),
-``act_order`` (True), ``static_groups`` (False), ``mse_grid`` (True), and those of every calibrated
-pass (``scheme``, ``rules``, ``calibration``, ``samples``, ``seq_len``, ``seed``; see
-``calibrated.py``). ``act_order=false,mse_grid=false`` is textbook GPTQ.
+``act_order`` (True), ``static_groups`` (False), ``mse_grid`` (True), ``keep_zeros`` (True), and
+those of every calibrated pass (``scheme``, ``rules``, ``calibration``, ``samples``, ``seq_len``,
+``seed``; see ``calibrated.py``). ``act_order=false,mse_grid=false`` is textbook GPTQ.
 
 Requires: verified IR, a ``prefill`` entry point taking ``ids`` and ``pos``. Guarantees: as
 ``quantize-rtn``, with GPTQ's codes for every linear calibration reached (round-to-nearest for the
-others). Stats: those of ``quantize-rtn`` plus ``calibrated`` weights.
+others); with ``keep_zeros``, every weight stored as exactly 0 dequantizes to exactly 0. Stats: those
+of ``quantize-rtn`` plus ``calibrated`` weights.
 """
 
 from __future__ import annotations
@@ -123,6 +137,7 @@ class QuantizeGPTQ(CalibratedQuantization):
     act_order: bool = True
     static_groups: bool = False
     mse_grid: bool = True
+    keep_zeros: bool = True
 
     def __post_init__(self):
         if self.damp < 0 or self.block_size < 1:
@@ -136,26 +151,53 @@ class QuantizeGPTQ(CalibratedQuantization):
         """GPTQ of ``w[N, K]`` given its inputs' float64 Hessian ``h[K, K]`` (changed in place)."""
         k = w.shape[1]
         w = np.array(w, np.float32)
+        pruned = zero_mask(w, scheme) if self.keep_zeros else None
         dead = np.diag(h) == 0
         h[dead, dead] = 1
         w[:, dead] = 0
         order = np.argsort(-np.diag(h), kind="stable") if self.act_order else np.arange(k)
         upper = inverse_cholesky(h[np.ix_(order, order)], self.damp).astype(np.float32)
         choose = partial(searched_grid, scheme) if self.mse_grid else scheme.grid
-        return _GPTQColumns(scheme, w, order, upper, self.block_size, choose, self.static_groups).run()
+        quantized = _GPTQColumns(scheme, w, order, upper, self.block_size, choose, self.static_groups, pruned).run()
+        if pruned is not None:
+            check_zeros_kept(scheme, quantized, pruned)
+        return quantized
+
+
+def zero_mask(w: np.ndarray, scheme: Scheme) -> np.ndarray | None:
+    """Where ``w`` is exactly 0 (the weights ``keep_zeros`` keeps at 0), or None when nowhere. A
+    codebook without a level 0 cannot keep them: an LLMOptError."""
+    pruned = w == 0
+    if not pruned.any():
+        return None
+    if scheme.codebook is not None and 0.0 not in scheme.codebook:
+        raise LLMOptError(f"quantize-gptq: scheme {scheme.name}'s codebook has no level 0, so the weights "
+                          "stored as 0 (pruned) cannot stay 0.",
+                          "Use a scheme with an exact 0 (integer schemes, nf4, fp8) or the option keep_zeros=false.")
+    return pruned
+
+
+def check_zeros_kept(scheme: Scheme, quantized: QuantizedWeight, pruned: np.ndarray) -> None:
+    """Raise when a weight of the mask ``pruned`` does not dequantize to exactly 0 (a broken
+    invariant of the column loop, not a user error)."""
+    lost = int(np.count_nonzero(scheme.dequantize(quantized)[pruned]))
+    if lost:
+        raise AssertionError(f"quantize-gptq ({scheme.name}): {lost} pruned weights do not dequantize to 0")
 
 
 class _GPTQColumns:
     """The column loop of one weight. Works on ``w^T`` permuted to visiting order (row ``j`` holds
-    the ``j``-th column visited, contiguous), records codes and grids in the original order."""
+    the ``j``-th column visited, contiguous), records codes and grids in the original order. With
+    ``pruned`` (``[N, K]``, True where the weight is kept at 0) those weights round to 0."""
 
     def __init__(self, scheme: Scheme, w: np.ndarray, order: np.ndarray, upper: np.ndarray, block_size: int,
-                 choose: ChooseGrid, static_groups: bool):
+                 choose: ChooseGrid, static_groups: bool, pruned: np.ndarray | None = None):
         n, k = w.shape
         self.scheme, self.order, self.upper, self.block_size, self.choose = scheme, order, upper, block_size, choose
         self.group = scheme.group_of(k)
         self.rows = np.ascontiguousarray(w.T[order])  # [K, N] in visiting order
         self.position = np.argsort(order)  # original column -> visiting position
+        self.pruned = None if pruned is None else np.ascontiguousarray(pruned.T[order])  # [K, N] like rows
         groups = scheme.groups(k)  # the last one short when the group size does not divide k
         self.codes = np.zeros((n, k), np.uint8)
         self.scales = np.zeros((n, groups), np.float32)
@@ -177,7 +219,8 @@ class _GPTQColumns:
         return QuantizedWeight(self.codes, self.scales, self.zeros)
 
     def round_column(self, j: int, block_start: int, errors: np.ndarray) -> np.ndarray:
-        """Round the ``j``-th visited column on its group's grid; its scaled error."""
+        """Round the ``j``-th visited column on its group's grid (its pruned weights to 0); its
+        scaled error."""
         column = self.order[j]
         group = column // self.group
         if not self.has_grid[group]:
@@ -185,18 +228,22 @@ class _GPTQColumns:
         scale = self.scales[:, group]
         zero = self.zeros[:, group] if self.zeros is not None else None
         values = self.rows[j][:, None]
-        codes = self.scheme.encode(values, scale, zero)
+        target = values if self.pruned is None else np.where(self.pruned[j][:, None], np.float32(0), values)
+        codes = self.scheme.encode(target, scale, zero)
         self.codes[:, column] = codes[:, 0]
         return (values - self.scheme.decode(codes, scale, zero))[:, 0] / self.upper[j, j]
 
     def choose_grid(self, group: int, j: int, block_start: int, errors: np.ndarray) -> None:
         """The grid of ``group`` from its columns' current weights: the block's own columns are up
-        to date, later ones still lack this block's errors so far (rows ``block_start..j-1``)."""
+        to date, later ones still lack this block's errors so far (rows ``block_start..j-1``); pruned
+        weights count as 0, so 0 is on the grid."""
         positions = self.position[group * self.group:(group + 1) * self.group]
         current = self.rows[positions]
         later = positions >= block_start + self.block_size
         if later.any() and j > block_start:
             current[later] -= self.upper[block_start:j, positions[later]].T @ errors[:j - block_start]
+        if self.pruned is not None:
+            current[self.pruned[positions]] = 0
         self.set_grid(group, *self.choose(current.T))
 
     def set_grid(self, group: int, scale: np.ndarray, zero: np.ndarray | None) -> None:
