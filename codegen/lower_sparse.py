@@ -3,8 +3,8 @@
 A ``densify`` whose every use is the weight operand of a ``linear`` is absorbed when the target's
 sparse kernel covers it (:func:`fused_densifies`: LLVM targets, kernels/cpu_sparse_linear.supports):
 it lowers to a :class:`FusedDensify` (no value), and each of those linears runs the sparse GEMV at
-M == 1 (values and indices read as stored, no dense weight) and, at any other M, densifies into a
-temporary in the dense kernels' blocked layout for cpu_linear's GEMM. Any other ``densify`` (GPU
+M == 1 and the sparse GEMM at any other M (values and indices read as stored, no dense weight;
+formats the GEMM does not cover densify into a temporary for cpu_linear's GEMM). Any other ``densify`` (GPU
 targets, shapes or formats the kernel does not cover, other uses) is materialized by the generic TE
 compute (kernels/sparse_te.py) and read as a dense weight. Registered into ``LOWERINGS`` by the
 import at the end of lower_ops.py. Values and indices stay in the IR's ``[N, columns]`` layout.

@@ -181,6 +181,68 @@ def test_cpu_kernels_compute_the_sparse_linears(n, m, bias):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
+def _kernel_names(library) -> str:
+    """The assembly of the compiled library (its symbols name the kernels it runs)."""
+    return "".join(lib.inspect_source("asm") for lib in library.executable.mod.imports)
+
+
+# 2, 3: the GEMV's gathers per row (4 rows at most); 7: one block in 8-lane vectors; 16: one block;
+# 33: a 3-block group; 68: a full group of 64 rows, then 4 rows in 4-lane vectors; 100: 64 + 36 rows
+PREFILL_ROWS = [2, 3, 7, 16, 33, 68, 100]
+
+
+@pytest.mark.parametrize("n, m", FORMATS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_sparse_gemm_prefill_matches_the_interpreter(n, m, bias):
+    """The prefill GEMM (values + indices read as stored, no dense weight) against the IR
+    interpreter, at several M through one build (M is symbolic: every path of the kernel), for
+    N = 70 (not a multiple of the 64-row blocks nor of the GEMM's 24-channel tasks) and K = 96
+    (2:4: 3 index words per row; 1:2: one full 32-value word and a 16-value tail)."""
+    k, rows = 96, 70
+    module = CompactSparse().apply(_module({"w": _nm_sparse(rows, k, n, m)}, bias=bias)).module
+    cpu = get_target("cpu")
+    library = compile_module(module, cpu)
+    names = _kernel_names(library)
+    assert f"sparse_linear_gemm_{n}of{m}_n{rows}_k{k}" in names and "densify_blocked" not in names
+    vm = relax.VirtualMachine(library.executable, tvm.cpu())
+    stored = [tvm.runtime.tensor(array) for _, array in library.stored_weights(module)]
+    for seq in PREFILL_ROWS:
+        inputs = _inputs("prefill", k, seq=seq)
+        want = run_module(module, "prefill", inputs)["y"]
+        got = vm["prefill"](tvm.runtime.tensor(inputs["x"]), *stored)[0].numpy()
+        assert got.shape == want.shape == (1, seq, rows)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4, err_msg=f"M={seq}")
+
+
+def test_densified_fallback_matches_numpy():
+    """emit_densified_linear (densify into the dense layout, then the dense GEMM): what prefill
+    runs for formats the sparse GEMM does not cover, and the benchmark's old-prefill baseline."""
+    from tvm import tirx
+
+    from llmopt.codegen.kernels.cpu_linear import host_cpu_target
+    from llmopt.codegen.kernels.cpu_sparse_linear import emit_densified_linear, supports_gemm
+
+    fmt, rows, k = NMFormat(2, 4), 70, 96
+    w = _nm_sparse(rows, k, 2, 4)
+    values, indices = fmt.compress(w)
+    target = host_cpu_target(1)
+    assert supports_gemm(fmt, rows, k, target) and not supports_gemm(NMFormat(3, 8), rows, k, target)
+    x = relax.Var("x", relax.TensorType([tirx.Var("m", "int64"), k], "float32"))
+    operands = [relax.Var("values", relax.TensorType(list(values.shape), "float32")),
+                relax.Var("indices", relax.TensorType(list(indices.shape), "uint32"))]
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, *operands]):
+        with bb.dataflow():
+            y = bb.emit_output(emit_densified_linear(bb, x, *operands, None, fmt=fmt, out_features=rows,
+                                                     in_features=k, target=target))
+        bb.emit_func_output(y)
+    with target:
+        vm = relax.VirtualMachine(tvm.compile(bb.get(), target), tvm.cpu())
+    x_value = RNG.standard_normal((7, k)).astype(np.float32)
+    got = vm["main"](*(tvm.runtime.tensor(a) for a in (x_value, values, indices))).numpy()
+    np.testing.assert_allclose(got, x_value @ w.T, rtol=0, atol=1e-4)
+
+
 def test_cuda_lowers_densify_generically():
     """No sparse kernel on GPUs: the densify is materialized (a TE compute) and the dense linear
     reads it. The graph compiles for cuda, and the same graph run on the CPU computes the model."""
