@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 from pathlib import Path
 
+from kernel_timing import median_seconds, speedups
 from results_files import write_results
 
 SHAPES = [(576, 576), (960, 576), (3072, 576), (576, 1536)]
@@ -88,19 +87,6 @@ def _reference(variant: str, w, x):
     return OPS["linear_w8a8"].ref([x, scheme.pack(q.codes), q.scales], {}, {})
 
 
-def _per_call(fn, number: int) -> float:
-    start = time.perf_counter()
-    for _ in range(number):
-        fn()
-    return (time.perf_counter() - start) / number
-
-
-def _median_seconds(fn, rounds: int) -> float:
-    fn()
-    number = max(3, int(BLOCK_SECONDS / max(_per_call(fn, 3), 1e-7)))
-    return statistics.median(_per_call(fn, number) for _ in range(rounds))
-
-
 def _vpdpbusd_count(executable) -> int:
     return sum(lib.inspect_source("asm").count("vpdpbusd") for lib in executable.mod.imports)
 
@@ -128,7 +114,7 @@ def measure(threads: int, rounds: int) -> list[dict]:
                 args = [tvm.runtime.tensor(a) for a in [x, *arrays]]
                 got, want = vm["main"](*args).numpy(), _reference(variant, w, x)
                 assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), (variant, n, k, m)
-                seconds = _median_seconds(lambda: vm["main"](*args), rounds)
+                seconds = median_seconds(lambda: vm["main"](*args), rounds, BLOCK_SECONDS)
                 results.append({"n": n, "k": k, "m": m, "variant": variant, "threads": threads, "seconds": seconds,
                                 "weight_bytes": sum(a.nbytes for a in arrays),
                                 "vpdpbusd_in_asm": _vpdpbusd_count(executable)})
@@ -143,12 +129,6 @@ def _row(r: dict) -> str:
             f"{r['vpdpbusd_in_asm']:>4} |")
 
 
-def _speedups(results: list[dict]) -> list[str]:
-    f32 = {(r["n"], r["k"], r["m"]): r["seconds"] for r in results if r["variant"] == "f32"}
-    return [f"- {r['variant']} N={r['n']} K={r['k']} M={r['m']}: {f32[r['n'], r['k'], r['m']] / r['seconds']:.2f}x "
-            f"the f32 kernel" for r in results if r["variant"] != "f32"]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -160,7 +140,7 @@ def main() -> None:
               "|---|---|---|---|---|---|---|"]
     print("\n".join(header), flush=True)
     results = measure(args.threads, args.rounds)
-    lines = header + [_row(r) for r in results] + ["", *_speedups(results)]
+    lines = header + [_row(r) for r in results] + ["", *speedups(results, "f32", "the f32 kernel")]
     print("\n".join(lines[len(header) + len(results):]))
     write_results(RESULTS, results, "\n".join(lines), indent=1)
 

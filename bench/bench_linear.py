@@ -18,7 +18,8 @@ import os
 import statistics
 import subprocess
 import sys
-import time
+
+from kernel_timing import calls_per_block, per_call
 
 SHAPES = [(576, 576), (192, 576), (960, 576), (3072, 576), (1536, 576), (576, 1536), (49152, 576)]
 ROWS = [1, 128]
@@ -42,18 +43,6 @@ def _build(n: int, k: int, m: int, target):
         bb.emit_func_output(y)
     mod = relax.get_pipeline("zero")(relax.transform.LegalizeOps()(bb.get()))
     return tvm.compile(mod, target=target)
-
-
-def _per_call(fn, number: int) -> float:
-    start = time.perf_counter()
-    for _ in range(number):
-        fn()
-    return (time.perf_counter() - start) / number
-
-
-def _calls_per_block(fn) -> int:
-    once = _per_call(fn, 3)
-    return max(3, int(BLOCK_SECONDS / max(once, 1e-7)))
 
 
 def _measure(n: int, k: int, m: int, target, rounds: int) -> dict:
@@ -83,13 +72,13 @@ def _measure(n: int, k: int, m: int, target, rounds: int) -> dict:
     def run_torch():
         torch.nn.functional.linear(xt, wt)
 
-    counts = {f: _calls_per_block(f) for f in (run_tvm, run_torch)}
+    counts = {f: calls_per_block(f, BLOCK_SECONDS) for f in (run_tvm, run_torch)}
     times = {run_tvm: [], run_torch: []}
     for r in range(rounds):
         order = (run_tvm, run_torch) if r % 2 == 0 else (run_torch, run_tvm)
         for f in order:
             f()  # re-warm after the other runtime had the cores
-            times[f].append(_per_call(f, counts[f]))
+            times[f].append(per_call(f, counts[f]))
     return {
         "tvm": statistics.median(times[run_tvm]),
         "torch": statistics.median(times[run_torch]),

@@ -28,12 +28,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+from kernel_timing import median_seconds
 from results_files import write_results
 
 SHAPES = [(576, 576), (960, 576), (3072, 576), (576, 1536), (49152, 576)]
@@ -118,25 +117,12 @@ def _reference(variant: str, scheme, w, x):
     return x @ scheme.dequantize(q).T
 
 
-def _per_call(fn, number: int) -> float:
-    start = time.perf_counter()
-    for _ in range(number):
-        fn()
-    return (time.perf_counter() - start) / number
-
-
-def _median_seconds(fn, rounds: int) -> float:
-    fn()
-    number = max(3, int(BLOCK_SECONDS / max(_per_call(fn, 3), 1e-7)))
-    return statistics.median(_per_call(fn, number) for _ in range(rounds))
-
-
 def _read_bandwidth(rounds: int) -> float:
     """GB/s of one thread streaming a 512 MiB f32 array (numpy's vectorized sum)."""
     import numpy as np
 
     a = np.ones(128 << 20, np.float32)
-    return a.nbytes / 1e9 / _median_seconds(a.sum, rounds)
+    return a.nbytes / 1e9 / median_seconds(a.sum, rounds, BLOCK_SECONDS)
 
 
 def _child(threads: int, scheme_name: str, rounds: int, cold: bool) -> None:
@@ -173,7 +159,7 @@ def _child(threads: int, scheme_name: str, rounds: int, cold: bool) -> None:
                     for weights in sets:
                         main(tx, *weights)
 
-                seconds = _median_seconds(calls, rounds) / copies
+                seconds = median_seconds(calls, rounds, BLOCK_SECONDS) / copies
                 print(json.dumps({"n": n, "k": k, "m": m, "variant": variant, "threads": threads,
                                   "seconds": seconds, "weight_bytes": weight_bytes, "copies": copies}), flush=True)
 

@@ -23,9 +23,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 from pathlib import Path
 
+from kernel_timing import calls_per_block, per_call, speedups
 from results_files import write_results
 
 SHAPES = [(1536, 576), (576, 1536)]
@@ -77,13 +77,6 @@ def _pruned_weight(rng, n: int, k: int):
     return np.where(nm_mask(np.abs(w), *N_OF_M), w, np.float32(0)).astype(np.float32)
 
 
-def _per_call(fn, number: int) -> float:
-    start = time.perf_counter()
-    for _ in range(number):
-        fn()
-    return (time.perf_counter() - start) / number
-
-
 def measure(threads: int, rounds: int) -> list[dict]:
     import numpy as np
     import tvm
@@ -109,11 +102,11 @@ def measure(threads: int, rounds: int) -> list[dict]:
                 got = vm["main"](*args).numpy()
                 assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), (variant, n, k, m)
                 calls[variant] = (lambda vm=vm, args=args: vm["main"](*args))
-            number = {v: max(3, int(BLOCK_SECONDS / max(_per_call(f, 3), 1e-7))) for v, f in calls.items()}
+            number = {v: calls_per_block(f, BLOCK_SECONDS) for v, f in calls.items()}
             times = {v: [] for v in VARIANTS}
             for _ in range(rounds):  # interleaved: one block of each variant per round
                 for variant, fn in calls.items():
-                    times[variant].append(_per_call(fn, number[variant]))
+                    times[variant].append(per_call(fn, number[variant]))
             for variant in VARIANTS:
                 results.append({"n": n, "k": k, "m": m, "variant": variant, "threads": threads,
                                 "seconds": statistics.median(times[variant]),
@@ -128,12 +121,6 @@ def _row(r: dict) -> str:
             f"{2 * r['m'] * r['n'] * r['k'] / s / 1e9:6.1f} | {r['weight_bytes'] / 1e6:5.2f} |")
 
 
-def _speedups(results: list[dict]) -> list[str]:
-    dense = {(r["n"], r["k"], r["m"]): r["seconds"] for r in results if r["variant"] == "dense"}
-    return [f"- {r['variant']} N={r['n']} K={r['k']} M={r['m']}: {dense[r['n'], r['k'], r['m']] / r['seconds']:.2f}x "
-            f"the dense GEMM's speed" for r in results if r["variant"] != "dense"]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -146,7 +133,7 @@ def main() -> None:
               "|---|---|---|---|---|---|---|"]
     print("\n".join(header), flush=True)
     results = measure(args.threads, args.rounds)
-    lines = header + [_row(r) for r in results] + ["", *_speedups(results)]
+    lines = header + [_row(r) for r in results] + ["", *speedups(results, "dense", "the dense GEMM's speed")]
     print("\n".join(lines[len(header) + len(results):]))
     write_results(RESULTS, results, "\n".join(lines), indent=1)
 
