@@ -14,7 +14,7 @@ stays as the IR says.
 
 from __future__ import annotations
 
-from ..ir.graph import Module
+from ..ir.graph import Module, weight_reads
 from .quant_fusion import SupportsQuantLinear, dequantize_uses, fused_dequantizes
 
 FUSED_DEQUANTIZE = "fused-dequantize"  # the op name a use by an absorbed dequantize is recorded under
@@ -28,21 +28,11 @@ def weight_uses(module: Module, supports: SupportsQuantLinear | None = None) -> 
     """weight name -> {(op, operand index)} over every function; an operand of a ``dequantize``
     that is absorbed (see ``supports``) is recorded as a ``fused-dequantize`` use when a linear
     kernel reads it and as an ``embedding-dequantize`` use when an embedding gathers its rows."""
-    uses: dict[str, set[tuple[str, int]]] = {}
-    for func in module.functions.values():
-        weights = {n.name: n.attr["name"] for n in func.nodes if n.op == "weight"}
+    def readers(func):
         fused = fused_dequantizes(func, supports)
-        readers = {name: {FUSED_DEQUANTIZE if op == "linear" else EMBEDDING_DEQUANTIZE for op, _ in ops}
-                   for name, ops in dequantize_uses(func).items() if name in fused}
-        for node in func.nodes:
-            for op in readers.get(node.name, (node.op,)):
-                for index, value in enumerate(node.inputs):
-                    if value in weights:
-                        uses.setdefault(weights[value], set()).add((op, index))
-        for _, value in func.outputs:
-            if value in weights:
-                uses.setdefault(weights[value], set()).add(("output", 0))
-    return uses
+        return {name: {FUSED_DEQUANTIZE if op == "linear" else EMBEDDING_DEQUANTIZE for op, _ in ops}
+                for name, ops in dequantize_uses(func).items() if name in fused}
+    return weight_reads(module, readers)
 
 
 def packed_weights(module: Module, supports: SupportsQuantLinear | None = None) -> set[str]:

@@ -181,3 +181,22 @@ class Builder:
 
     def finish(self) -> Function:
         return Function(self.name, list(self.params), list(self.nodes), list(self.outputs))
+
+
+def weight_reads(module: Module, reader_ops=None) -> dict[str, set[tuple[str, int]]]:
+    """weight name -> {(op, operand index)} over every function; a function output is ("output", 0).
+    ``reader_ops(func)``, if given, maps node names of ``func`` to the op names their reads are
+    recorded under instead of their own op (codegen's fused readers, codegen/weight_layout.py)."""
+    reads: dict[str, set[tuple[str, int]]] = {}
+    for func in module.functions.values():
+        weights = {n.name: n.attr["name"] for n in func.nodes if n.op == "weight"}
+        renamed_ops = reader_ops(func) if reader_ops is not None else {}
+        for node in func.nodes:
+            for op in renamed_ops.get(node.name, (node.op,)):
+                for index, value in enumerate(node.inputs):
+                    if value in weights:
+                        reads.setdefault(weights[value], set()).add((op, index))
+        for _, value in func.outputs:
+            if value in weights:
+                reads.setdefault(weights[value], set()).add(("output", 0))
+    return reads

@@ -37,10 +37,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import LLMOptError
-from ..ir.graph import Builder, Function, Module, Node
+from ..ir.graph import Builder, Function, Module, Node, weight_reads
 from ..ir.weights import WeightStore
 from .base import Pass, PassResult
-from .rewrite import rebuild, renamed, weight_reads
+from .rewrite import rebuild, renamed
 
 FULL, HALF = "f32", "f16"
 HALF_WEIGHTS = "f16-weights"  # module.meta["dtype"] of the weights-only mode

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Callable, Union
 
-from ..ir.graph import Builder, Function, Module, Node
+from ..ir.graph import Builder, Function, Node
 
 
 class _Drop:
@@ -59,18 +59,3 @@ def rebuild(func: Function, replace: Replace, created_by: str) -> Function:
             raise RewriteError(f"@{func.name}: output {name} = %{value} was dropped by the rewrite")
         builder.output(name, rename[value])
     return builder.finish()
-
-
-def weight_reads(module: Module) -> dict[str, set[tuple[str, int]]]:
-    """weight name -> {(op, operand index)} over every function; a function output is ("output", 0)."""
-    reads: dict[str, set[tuple[str, int]]] = {}
-    for func in module.functions.values():
-        weights = {n.name: n.attr["name"] for n in func.nodes if n.op == "weight"}
-        for node in func.nodes:
-            for index, value in enumerate(node.inputs):
-                if value in weights:
-                    reads.setdefault(weights[value], set()).add((node.op, index))
-        for _, value in func.outputs:
-            if value in weights:
-                reads.setdefault(weights[value], set()).add(("output", 0))
-    return reads

@@ -28,12 +28,12 @@ from typing import ClassVar
 
 import numpy as np
 
-from ...ir.graph import Builder, Function, Module, Node
+from ...ir.graph import Builder, Function, Module, Node, weight_reads
 from ...ir.sparse_format import NMFormat, parse_nm
 from ...ir.types import TensorType
 from ...ir.weights import WeightStore
 from ..base import Pass, PassResult, map_functions
-from ..rewrite import rebuild, renamed, weight_reads
+from ..rewrite import rebuild, renamed
 
 LINEAR_WEIGHT = ("linear", 1)
 
