@@ -155,3 +155,12 @@ def _webgpu_module(data: bytes, at: int) -> dict[str, str]:
     kernels = {text(): text() for _ in range(u64())}
     assert at == end and kernels
     return kernels
+
+
+def has_cuda_device() -> bool:
+    """Whether this machine has a CUDA device TVM's runtime can use (tests that need one skip without)."""
+    import tvm
+    try:
+        return bool(tvm.cuda(0).exist)
+    except Exception:  # noqa: BLE001
+        return False

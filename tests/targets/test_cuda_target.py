@@ -32,21 +32,14 @@ from llmopt.runtime.manifest import verify
 from llmopt.targets import UnknownTargetError, get_target
 from llmopt.targets.cpu import cpu_target
 
+from device_code import has_cuda_device
 from fatbin import fatbin_entries
 
 ARCHS = ["sm_80", "sm_90"]
 VARIANTS = [None, "w4g32"]  # fp32, and int4 with groups of 32 (fused dequantize + matmul kernels)
 IDS = [1, 17, 99, 3, 42, 7, 64, 5, 120, 33]
 
-
-def _has_cuda_device() -> bool:
-    try:
-        return bool(tvm.cuda(0).exist)
-    except Exception:  # noqa: BLE001
-        return False
-
-
-needs_gpu = pytest.mark.skipif(not _has_cuda_device(), reason="needs a CUDA device and driver")
+needs_gpu = pytest.mark.skipif(not has_cuda_device(), reason="needs a CUDA device and driver")
 
 
 @pytest.fixture(scope="module", params=VARIANTS, ids=lambda q: q or "fp32")
@@ -122,7 +115,7 @@ def test_the_cuda_graph_computes_the_model(quant, tiny_llama):
 
 
 def test_loading_here_refuses_with_what_to_do(cuda_build):
-    if _has_cuda_device():
+    if has_cuda_device():
         pytest.skip("this machine has a CUDA device: the artifact loads (see the GPU test)")
     _, out = cuda_build
     with pytest.raises(ArtifactError) as err:

@@ -29,7 +29,7 @@ from llmopt.runtime.manifest import verify
 from llmopt.targets import UnknownTargetError, get_target
 from llmopt.targets.cpu import cpu_target
 
-from device_code import amdgpu_code_objects, wgsl_kernels
+from device_code import amdgpu_code_objects, has_cuda_device, wgsl_kernels
 from fatbin import fatbin_entries
 
 IDS = [1, 17, 99, 3, 42, 7, 64, 5, 120, 33]
@@ -246,14 +246,7 @@ def test_webgpu_page_refuses_fp16_on_an_adapter_without_shader_f16(tmp_path_fact
     assert "build with --dtype fp32" in done.stdout and "Error while parsing WGSL" not in done.stdout
 
 
-def _has_cuda_device() -> bool:
-    try:
-        return bool(tvm.cuda(0).exist)
-    except Exception:  # noqa: BLE001
-        return False
-
-
-@pytest.mark.skipif(not _has_cuda_device(), reason="needs a CUDA device and driver")
+@pytest.mark.skipif(not has_cuda_device(), reason="needs a CUDA device and driver")
 def test_cuda_fp16_artifact_on_a_gpu_computes_the_f16_model(tmp_path, tiny_llama):
     """On a CUDA GPU: the fp16 artifact's prefill and decode logits are the interpreter's f16 model's."""
     from llmopt.runtime import load
