@@ -68,7 +68,7 @@ def optimize(module: Module, options: BuildOptions, report: BuildReport | None =
     if options.lowrank:  # likewise, after any pruning
         from .passes.lowrank import lowrank_pass
         passes = with_quantization(passes, lowrank_pass(options.lowrank, options.calibration))
-    if compacts_sparse(options):  # N:M-pruned float weights stored as values + indices (passes/prune/compact.py)
+    if options.prune and compacts_sparse(options, prune_pass):  # values + indices (passes/prune/compact.py)
         from .passes.prune.compact import CompactSparse
         passes = with_quantization(passes, CompactSparse())
     if options.quant or options.bits_budget is not None:
@@ -88,20 +88,13 @@ def optimize(module: Module, options: BuildOptions, report: BuildReport | None =
     return module
 
 
-def compacts_sparse(options: BuildOptions) -> bool:
-    """Whether the build stores its pruned weights N:M-compact: an N:M ``--prune`` level, fp32
-    weights (a quantized build stores the pruned weights' codes dense, as before) and the CPU
-    target, whose decode kernel reads the compact form (GPU kernels would densify every call)."""
-    if not options.prune or options.quant or options.bits_budget is not None:
-        return False
-    if options.target != "cpu" or options.dtype != "fp32":
-        return False
-    from .passes.prune.levels import Level
-    method, _, level = options.prune.partition(":")
-    try:
-        return Level.parse(level).is_nm
-    except LLMOptError:
-        return False  # pruning_pass reports the bad spec
+def compacts_sparse(options: BuildOptions, prune_pass) -> bool:
+    """Whether the build stores its pruned weights N:M-compact: an N:M ``prune_pass``, fp32 weights (a
+    quantized build stores the pruned weights' codes dense, as before) and a target whose kernels
+    read the compact form (``TargetSpec.compact_sparse``)."""
+    from .targets import get_target
+    return (bool(getattr(prune_pass, "nm", "")) and not options.quant and options.bits_budget is None
+            and options.dtype == "fp32" and get_target(options.target).compact_sparse)
 
 
 QUANT_METHODS = {"rtn": "quantize-rtn", "gptq": "quantize-gptq", "awq": "quantize-awq",

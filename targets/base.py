@@ -47,6 +47,7 @@ class TargetSpec:
     package_library: Callable[[Any, str | None], Any] | None = None
     dtypes: tuple[str, ...] = ("fp32",)  # --dtype values it has kernels for
     fp16_activations: bool = True  # --dtype fp16 computes in f16 (GPUs); False: f16 weights, f32 compute
+    compact_sparse: bool = False  # its kernels read N:M-sparse weights as values + indices (compact-sparse)
 
 
 class UnknownTargetError(LLMOptError):
