@@ -42,12 +42,13 @@ def cli():
 
 
 def _build_options(target, arch, pipeline, disable_pass, dump_dir, verify, quant=None, quant_rules=None,
-                   calibration=(), bits_budget=None, prune=None, lowrank=None, dtype="fp32"):
+                   calibration=(), bits_budget=None, prune=None, lowrank=None, dtype="fp32",
+                   weight_storage="auto"):
     from .compiler import BuildOptions
     return BuildOptions(target=target, arch=arch, pipeline=pipeline, disabled_passes=tuple(disable_pass),
                         dump_dir=dump_dir, verify=verify, quant=quant, quant_rules=quant_rules,
                         calibration=tuple(calibration), bits_budget=bits_budget, prune=prune, lowrank=lowrank,
-                        dtype=dtype)
+                        dtype=dtype, weight_storage=weight_storage)
 
 
 def _key_values(items, option: str) -> tuple[tuple[str, str], ...]:
@@ -98,8 +99,11 @@ _disable_option = click.option("--disable-pass", multiple=True, metavar="NAME", 
               help="Factorize linear weights into two low-rank linears (lm_head kept) before any quantization, "
                    "removing RATIO of their parameters: METHOD svd or asvd (activation-aware, calibrates with "
                    "--calib); ALLOCATION uniform (default) or energy, e.g. asvd:0.2.")
+@click.option("--weight-storage", type=click.Choice(["auto", "plain"]), default="auto", show_default=True,
+              help="auto: store weights that are mostly one value (pruned ones) as a bitmask and the other values "
+                   "where that saves bytes, decoded bit for bit at load; plain: every weight as is.")
 def build(model, target, arch, out, dtype, pipeline, disable_pass, dump_dir, verify, force, quant, quant_rules,
-          calibration, bits_budget, prune, lowrank):
+          calibration, bits_budget, prune, lowrank, weight_storage):
     """Compile MODEL (an HF folder, a .gguf file, or 'smollm2') into an artifact directory.
 
     \b
@@ -119,7 +123,8 @@ def build(model, target, arch, out, dtype, pipeline, disable_pass, dump_dir, ver
     from .compiler import build as build_artifact
     console = _console()
     options = _build_options(target, arch, pipeline, disable_pass, dump_dir, verify, quant, quant_rules,
-                             _key_values(calibration, "--calib"), bits_budget, prune, lowrank, dtype)
+                             _key_values(calibration, "--calib"), bits_budget, prune, lowrank, dtype,
+                             weight_storage)
     with console.status("building") as status:
         manifest = build_artifact(model, out, options, force, report=lambda line: (status.update(line),
                                                                                     console.log(line)))
@@ -127,7 +132,9 @@ def build(model, target, arch, out, dtype, pipeline, disable_pass, dump_dir, ver
         from .passes.quant.mixed_precision import plan_table
         console.print(plan_table(manifest.created_by["quant_plan"]))
     size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
-    console.print(f"wrote {out} ({size / 1e6:.1f} MB, {len(manifest.weights)} weights, target {target})")
+    encoded = sum(w.encoding is not None for w in manifest.weights)
+    console.print(f"wrote {out} ({size / 1e6:.1f} MB, {len(manifest.weights)} weights"
+                  + (f", {encoded} of them stored as bitmask + values" if encoded else "") + f", target {target})")
 
 
 @cli.command()

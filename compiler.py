@@ -33,9 +33,13 @@ class BuildOptions:
     prune: str | None = None  # "METHOD:LEVEL" (magnitude:0.5, wanda:0.5, sparsegpt:2:4): prune, then quantize
     lowrank: str | None = None  # "METHOD:RATIO[:ALLOCATION]" (svd:0.2, asvd:0.2): factorize, then quantize
     dtype: str = "fp32"  # "fp16": weights, activations and KV cache in f16 (half-precision, last pass)
+    weight_storage: str = "auto"  # "auto": mostly-one-value (pruned) weights stored compactly; "plain": as is
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+WEIGHT_STORAGE = ("auto", "plain")
 
 
 @dataclass
@@ -188,6 +192,9 @@ def build(model, out: str | Path, options: BuildOptions = BuildOptions(), force:
     check_output_path(out)  # a file in the way or a folder not writable: before any work
     check_arch(spec, options.arch)  # likewise an --arch the target does not know
     check_dtype(spec, options.dtype)  # and a --dtype it has no kernels for
+    if options.weight_storage not in WEIGHT_STORAGE:
+        raise LLMOptError(f"weight storage {options.weight_storage!r} is unknown.",
+                          f"Use one of: {', '.join(WEIGHT_STORAGE)}.")
     if spec.check_toolchain is not None:
         spec.check_toolchain(options.arch)  # and a missing device compiler (e.g. nvcc)
     build_report = BuildReport()
@@ -219,4 +226,5 @@ def build(model, out: str | Path, options: BuildOptions = BuildOptions(), force:
     return step("write", lambda: write_artifact(out, executable=library.executable,
                                                  weights=library.stored_weights(module),
                                                  tokenizer_json_path=tokenizer_file, ir_text=print_module(module),
-                                                 manifest_fields=fields, overwrite=force))
+                                                 manifest_fields=fields, overwrite=force,
+                                                 encode_weights=options.weight_storage == "auto"))

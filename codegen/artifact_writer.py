@@ -25,6 +25,7 @@ from .. import __version__
 from ..errors import LLMOptError
 from ..runtime.errors import ArtifactError
 from ..runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, WeightInfo, sha256_file
+from ..runtime import weight_encoding
 from ..runtime.safetensors_reader import DTYPES
 
 DEFAULT_LIBRARY = "model.so"
@@ -46,6 +47,7 @@ def write_artifact(
     manifest_fields: dict[str, Any],
     overwrite: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
+    encode_weights: bool = False,
 ) -> Manifest:
     """Write an artifact to `out_dir` and return its manifest.
 
@@ -56,7 +58,8 @@ def write_artifact(
     that at most a few MiB besides the current array are held (`_Shard`). `manifest_fields` gives every manifest field except the computed ones
     (format_version, llmopt_version, weights, files); `tokenizer.file` defaults to
     `tokenizer.json`. An existing `out_dir` is an error unless `overwrite`, in which case it is
-    replaced only once the new artifact is complete.
+    replaced only once the new artifact is complete. `encode_weights` stores mostly-one-value
+    (pruned) weights compactly, see `_write_shards`.
     """
     out = Path(out_dir).absolute()
     if os.path.lexists(out) and not overwrite:
@@ -70,7 +73,7 @@ def write_artifact(
     try:
         _make_dir(tmp, out)
         executable.export_library(str(tmp / fields["library"]))
-        infos = _write_shards(tmp, weights, max_shard_bytes)
+        infos = _write_shards(tmp, weights, max_shard_bytes, encode_weights)
         shutil.copyfile(tokenizer_json_path, tmp / fields["tokenizer"]["file"])
         (tmp / IR_FILE).write_text(ir_text, encoding="utf-8")
         manifest = Manifest.from_dict(
@@ -139,24 +142,29 @@ def _check_fields(manifest_fields: dict[str, Any]) -> dict[str, Any]:
 
 
 def _write_shards(
-    root: Path, weights: Iterable[tuple[str, np.ndarray]], max_shard_bytes: int
+    root: Path, weights: Iterable[tuple[str, np.ndarray]], max_shard_bytes: int, encode: bool = False
 ) -> list[WeightInfo]:
     """Write weights shard by shard, each array as it comes; return their manifest entries in the
-    order produced."""
+    order produced. With `encode`, a weight that is mostly one value (a pruned one) is stored as
+    its fill-bitmask encoding (`runtime/weight_encoding.py`) where that saves bytes."""
     (root / WEIGHTS_DIR).mkdir()
     shards: list[_Shard] = []
     seen: set[str] = set()
     for name, array in weights:
-        if name in seen:
-            raise ValueError(f"weight {name!r} was produced twice")
-        seen.add(name)
         array = np.ascontiguousarray(array)
-        if not shards or not shards[-1].fits(name, array, max_shard_bytes):
+        info, parts = _stored(name, array, encode)
+        for part_name, _ in parts:
+            if part_name in seen:
+                raise ValueError(f"weight {part_name!r} was produced twice")
+            seen.add(part_name)
+        if not shards or not shards[-1].fits(parts, max_shard_bytes):
             if shards:
                 shards[-1].close()
             shards.append(_Shard(root / WEIGHTS_DIR / f"shard-{len(shards)}.partial"))
-        shards[-1].add(name, array)
-        del array  # written (or buffered): drop it before the next weight is made
+        for part_name, part in parts:
+            shards[-1].add(part_name, part)
+        shards[-1].weights.append(info)
+        del array, parts  # written (or buffered): drop them before the next weight is made
     if shards:
         shards[-1].close()
 
@@ -166,9 +174,21 @@ def _write_shards(
         rel = f"{WEIGHTS_DIR}/weights-{i:05d}-of-{len(shards):05d}.safetensors"
         os.rename(shard.path, root / rel)
         os.chmod(root / rel, file_mode)
-        infos += [WeightInfo(name, tuple(entry["shape"]), _NUMPY_DTYPES[entry["dtype"]], rel)
-                  for name, entry in shard.header.items()]
+        infos += [dataclasses.replace(info, file=rel) for info in shard.weights]
     return infos
+
+
+def _stored(name: str, array: np.ndarray, encode: bool) -> tuple[WeightInfo, list[tuple[str, np.ndarray]]]:
+    """The manifest entry of weight `name` (its shard still unknown) and the tensors that store it:
+    itself, or the mask and values of its fill-bitmask encoding where that saves bytes."""
+    if array.dtype.name not in _SAFETENSORS_DTYPES:
+        raise ValueError(f"weights of dtype {array.dtype} cannot be stored (known: {sorted(_SAFETENSORS_DTYPES)})")
+    info = WeightInfo(name, tuple(array.shape), array.dtype.name, "")
+    encoded = weight_encoding.encode(name, array) if encode else None
+    if encoded is None:
+        return info, [(name, array)]
+    encoding, mask, values = encoded
+    return dataclasses.replace(info, encoding=encoding), [(encoding.mask, mask), (encoding.values, values)]
 
 
 # numpy dtype name <-> safetensors dtype (the runtime reads them back with the same table)
@@ -192,6 +212,7 @@ class _Shard:
     def __init__(self, path: Path):
         self.path = path
         self.header: dict[str, dict] = {}
+        self.weights: list[WeightInfo] = []  # the manifest entries of the weights stored here
         self.buffered: list[np.ndarray] = []
         self.data_bytes = 0
         self.file = None
@@ -204,13 +225,19 @@ class _Shard:
         return {"dtype": dtype, "shape": list(array.shape),
                 "data_offsets": [self.data_bytes, self.data_bytes + array.nbytes]}
 
-    def fits(self, name: str, array: np.ndarray, max_bytes: int) -> bool:
-        """Whether `array` may join this shard (an empty shard takes any one tensor)."""
+    def fits(self, parts: list[tuple[str, np.ndarray]], max_bytes: int) -> bool:
+        """Whether the tensors `parts` may join this shard together (an empty shard takes any)."""
         if not self.header:
             return True
-        if self.data_bytes + array.nbytes > max_bytes:
+        if self.data_bytes + sum(array.nbytes for _, array in parts) > max_bytes:
             return False
-        return self.file is None or len(self._header_json({name: self._entry(array)})) <= self.reserved
+        return self.file is None or len(self._header_json(dict(self._entries(parts)))) <= self.reserved
+
+    def _entries(self, parts: list[tuple[str, np.ndarray]]):
+        offset = self.data_bytes
+        for name, array in parts:
+            yield name, {**self._entry(array), "data_offsets": [offset, offset + array.nbytes]}
+            offset += array.nbytes
 
     def add(self, name: str, array: np.ndarray) -> None:
         self.header[name] = self._entry(array)

@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import ArtifactError
+from .weight_encoding import WeightEncoding
 
 FORMAT_VERSION = 2
 """2: decode takes the KV cache in capacity buffers and writes its row in place (1: returned a longer
@@ -29,12 +30,14 @@ _REBUILD = "rebuild the artifact with `llmopt build ... -o DIR` (or copy it agai
 
 @dataclass(frozen=True)
 class WeightInfo:
-    """One weight tensor: its IR name, shape, numpy dtype name and the shard file holding it."""
+    """One weight tensor: its IR name, shape, numpy dtype name and the shard file holding it; with an
+    `encoding`, the shard holds its encoded parts (`weight_encoding`) instead of the tensor."""
 
     name: str
     shape: tuple[int, ...]
     dtype: str
     file: str
+    encoding: WeightEncoding | None = None
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,9 @@ class Manifest:
                 **{**data["tokenizer"], "eos_token_ids": tuple(data["tokenizer"]["eos_token_ids"])}
             )
             kwargs["weights"] = [
-                WeightInfo(**{**w, "shape": tuple(w["shape"])}) for w in data["weights"]
+                WeightInfo(**{**w, "shape": tuple(w["shape"]),
+                              "encoding": WeightEncoding(**w["encoding"]) if w.get("encoding") else None})
+                for w in data["weights"]
             ]
             return cls(**kwargs, files=dict(data.get("files", {})))
         except (TypeError, KeyError) as err:

@@ -19,7 +19,7 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -27,7 +27,8 @@ from ._tvm import import_tvm
 from .cuda_device import cuda_device
 from .metal_device import metal_device
 from .errors import ArtifactError
-from .manifest import Manifest, read_manifest, resolve, verify
+from . import weight_encoding
+from .manifest import Manifest, WeightInfo, read_manifest, resolve, verify
 from .rocm_device import rocm_device
 from .safetensors_reader import read_tensors
 from .tokenizer import Tokenizer
@@ -329,7 +330,8 @@ def _check_host_cpu(tvm: Any, tvm_target: dict[str, Any], artifact_dir: Path) ->
 
 
 def _load_weights(tvm: Any, artifact_dir: Path, manifest: Manifest, dev: Any) -> list[Any]:
-    """Read every weight from its shard into a device tensor; return them in manifest order."""
+    """Read every weight from its shard (decoding an encoded one) into a device tensor; return them
+    in manifest order."""
     by_file: dict[str, list[int]] = defaultdict(list)
     for i, w in enumerate(manifest.weights):
         by_file[w.file].append(i)
@@ -337,9 +339,10 @@ def _load_weights(tvm: Any, artifact_dir: Path, manifest: Manifest, dev: Any) ->
     for file, indices in by_file.items():
         path = resolve(artifact_dir, file)
         try:
-            loaded = read_tensors(path, [manifest.weights[i].name for i in indices])
-            for i, (name, array) in zip(indices, loaded):
+            stored = read_tensors(path, [part for i in indices for part in _stored_names(manifest.weights[i])])
+            for i in indices:
                 w = manifest.weights[i]
+                array = _read_weight(w, stored, path)
                 if tuple(array.shape) != w.shape or str(array.dtype) != w.dtype:
                     raise ArtifactError(
                         f"{path}: tensor {w.name} is {array.dtype}{list(array.shape)}, "
@@ -348,8 +351,25 @@ def _load_weights(tvm: Any, artifact_dir: Path, manifest: Manifest, dev: Any) ->
                         path=path,
                     )
                 tensors[i] = tvm.runtime.tensor(array, dev)
+                del array
         except KeyError as missing:
             raise ArtifactError(f"{path} has no tensor {missing}", hint="rebuild the artifact", path=path) from None
         except (ValueError, OSError) as err:
             raise ArtifactError(f"{path}: {err}", hint="rebuild the artifact", path=path) from None
     return tensors
+
+
+def _stored_names(weight: WeightInfo) -> list[str]:
+    """The shard tensors that hold `weight`: itself, or its encoding's mask and values."""
+    return [weight.encoding.mask, weight.encoding.values] if weight.encoding else [weight.name]
+
+
+def _read_weight(weight: WeightInfo, stored: Iterator[tuple[str, np.ndarray]], path: Path) -> np.ndarray:
+    """`weight`'s array from the next tensors of `stored` (decoded when the manifest says so)."""
+    if weight.encoding is None:
+        return next(stored)[1]
+    (_, mask), (_, values) = next(stored), next(stored)
+    try:
+        return weight_encoding.decode(weight.encoding, mask, values, weight.shape, weight.dtype)
+    except ValueError as err:
+        raise ValueError(f"encoded tensor {weight.name}: {err}") from None

@@ -281,10 +281,11 @@ def _data_bytes(artifact: Path) -> int:
 
 @pytest.fixture(scope="module")
 def pruned_artifacts(tiny_llama, tmp_path_factory):
-    """(compact, dense) artifacts of the tiny Llama built with --prune magnitude:2:4."""
+    """(compact, dense) artifacts of the tiny Llama built with --prune magnitude:2:4 (dense: stored plain)."""
     root = tmp_path_factory.mktemp("sparse_storage")
     build(tiny_llama, root / "compact", BuildOptions(prune="magnitude:2:4"))
-    build(tiny_llama, root / "dense", BuildOptions(prune="magnitude:2:4", disabled_passes=("compact-sparse",)))
+    build(tiny_llama, root / "dense", BuildOptions(prune="magnitude:2:4", disabled_passes=("compact-sparse",),
+                                                   weight_storage="plain"))
     return root / "compact", root / "dense"
 
 

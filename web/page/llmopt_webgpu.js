@@ -42,6 +42,41 @@
     return tensors;
   }
 
+  /**
+   * The bytes of weight `w`: its tensor in the shard, or rebuilt from its fill-bitmask encoding
+   * (llmopt's runtime/weight_encoding.py): bit i of `mask` (low bit first) says whether unit i of
+   * `unit_bits` bits is the next of `values` (packed at that width, low nibble first) or `fill`.
+   */
+  function weightBytes(w, tensors, url) {
+    const e = w.encoding;
+    if (!e) {
+      if (!tensors[w.name]) throw new Error(`${url} has no tensor ${w.name}`);
+      return tensors[w.name].data;
+    }
+    const mask = tensors[e.mask], values = tensors[e.values];
+    if (!mask || !values) throw new Error(`${url} has no tensor ${e.mask} or ${e.values} (encoded ${w.name})`);
+    const m = mask.data, v = values.data;
+    const out = new Uint8Array((e.units * e.unit_bits) / 8);
+    let next = 0;
+    if (e.unit_bits === 4) {
+      for (let i = 0; i < e.units; ++i) {
+        const unit = (m[i >> 3] >> (i & 7)) & 1 ? (v[next >> 1] >> ((next++ & 1) * 4)) & 15 : e.fill;
+        out[i >> 1] |= unit << ((i & 1) * 4);
+      }
+    } else {
+      const width = e.unit_bits / 8;
+      const fill = new Uint8Array(width);
+      for (let b = 0; b < width; ++b) fill[b] = Number((BigInt(e.fill) >> BigInt(8 * b)) & 255n);
+      for (let i = 0; i < e.units; ++i) {
+        const kept = (m[i >> 3] >> (i & 7)) & 1;
+        const from = kept ? v : fill, at = kept ? next++ * width : 0;
+        for (let b = 0; b < width; ++b) out[i * width + b] = from[at + b];
+      }
+    }
+    if (next !== e.kept) throw new Error(`${url}: encoded ${w.name} sets ${next} units, the manifest says ${e.kept}`);
+    return out;
+  }
+
   function argmax(values) {
     let best = 0;
     for (let i = 1; i < values.length; ++i) if (values[i] > values[best]) best = i;
@@ -173,8 +208,7 @@
       const tensors = parseSafetensors(await fetchBytes(base + file), base + file);
       for (const i of indices) {
         const w = manifest.weights[i];
-        const stored = tensors[w.name];
-        if (!stored) throw new Error(`${base + file} has no tensor ${w.name}`);
+        const stored = { data: weightBytes(w, tensors, base + file) };
         const count = w.shape.reduce((a, b) => a * b, 1);
         if (stored.data.length !== count * DTYPE_BYTES[w.dtype]) {
           throw new Error(`${base + file}: tensor ${w.name} has ${stored.data.length} bytes, the manifest says ${w.dtype}${JSON.stringify(w.shape)}`);
