@@ -24,6 +24,28 @@ _OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps leaves the kernel alone
 _NEG_INF = -3.0e38
 
 
+_EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
+             5.0000001201e-1)
+"""Cephes' expf polynomial for exp(r) - 1 - r over |r| <= ln(2) / 2 (coefficients of r**7 ... r**2)."""
+
+
+def fast_exp(x: tirx.PrimExpr) -> tirx.PrimExpr:
+    """exp(x) in f32 without libm (libm's expf is a call per lane; this vectorizes): Cephes' expf,
+    x = n ln2 + r, exp(r) by a degree-7 polynomial, times 2**n built in the exponent bits. Within
+    2 ulp of expf for x in [-87, 88]; exactly 0 below (the masked scores' -3e38)."""
+    f32 = lambda value: tirx.const(value, "float32")  # noqa: E731
+    low = f32(-87.0)
+    clamped = tirx.min(tirx.max(x, low), f32(88.0))
+    n = tirx.floor(clamped * f32(1.44269504088896341) + f32(0.5))
+    r = clamped - n * f32(0.693359375) - n * f32(-2.12194440e-4)  # ln 2 in two parts: n * hi is exact
+    poly = f32(_EXP_POLY[0])
+    for c in _EXP_POLY[1:]:
+        poly = poly * r + f32(c)
+    value = poly * r * r + r + f32(1)
+    two_n = tirx.reinterpret("float32", tirx.shift_left(tirx.Cast("int32", n) + 127, 23))
+    return tirx.Select(x < low, f32(0), value * two_n)
+
+
 @cache  # one kernel per shape, asked for by every layer
 def make_attention(heads: int, kv_heads: int, head_dim: int, scale: float, causal: bool) -> tirx.PrimFunc:
     """``o[1, s, heads, d] = softmax(q k^T * scale + causal mask) v`` with k given transposed."""
@@ -80,6 +102,13 @@ def make_attention(heads: int, kv_heads: int, head_dim: int, scale: float, causa
     return attention
 
 
+DECODE_KEY_TILE = 16
+"""Keys per tile of the one-query (decode) kernel: its dot products are independent of each other,
+so out-of-order execution overlaps them; the running max and the output rescale are per tile."""
+
+_MAX_HALVINGS = 7  # head_dim up to 128 folds down to one lane
+
+
 def _fold_half(width: int):
     """prod[:width] += prod[width:2 * width], as one vector add."""
     @T.macro
@@ -99,45 +128,65 @@ def make_decode_attention(heads: int, kv_heads: int, head_dim: int, scale: float
                           positions: bool = False) -> tirx.PrimFunc:
     """The one-query case (decode): keys are read in the cache's own layout, no transpose.
 
-    Each score is a dot product over ``head_dim`` (vector multiply, then halving vector adds
-    down to one vector, then a short serial sum); the rest is the same online softmax, one key
-    at a time. The single query sees every key (``positions``: the keys ``0 .. pos[0]`` of a cache
-    buffer with more rows, the later rows never read), so there is no mask.
+    Per head, keys go in tiles of ``DECODE_KEY_TILE``: first the tile's scores, each a dot product
+    over ``head_dim`` (vector multiply, then halving vector adds down to one lane, or to an odd
+    width summed serially) that depends on no other key, so the CPU overlaps them; then the tile's
+    max, its probabilities as one vector of exps, one rescale of the running sum and output (the
+    online softmax, per tile rather than per key), and the weighted sum of the tile's values.
+    Only the live keys are read: the single query sees every key (``positions``: the keys
+    ``0 .. pos[0]`` of a cache buffer with more rows, the later rows never read), so there is no
+    mask beyond the last tile's padding, whose scores are -inf (probability 0).
     """
-    group, dim = heads // kv_heads, head_dim
+    group, dim, tile = heads // kv_heads, head_dim, DECODE_KEY_TILE
     halvings = []
     width = dim
-    while width % 2 == 0 and width > 16 and len(halvings) < 3:
+    while width % 2 == 0 and width > 1 and len(halvings) < _MAX_HALVINGS:
         width //= 2
         halvings.append(_fold_half(width))
-    halvings += [_nothing] * (3 - len(halvings))
-    fold0, fold1, fold2 = halvings
+    halvings += [_nothing] * (_MAX_HALVINGS - len(halvings))
+    fold0, fold1, fold2, fold3, fold4, fold5, fold6 = halvings
 
     @T.macro
     def head_attention(q, k, v, o, h, t):
         acc = T.alloc_buffer((dim,), "float32", scope="global")
         prod = T.alloc_buffer((dim,), "float32", scope="global")
-        stats = T.alloc_buffer((4,), "float32", scope="global")  # max, sum, previous max, score
+        score = T.alloc_buffer((tile,), "float32", scope="global")
+        stats = T.alloc_buffer((4,), "float32", scope="global")  # max, sum, previous max, rescale
         for d in T.vectorized(dim):
             acc[d] = T.float32(0)
         stats[0] = T.float32(_NEG_INF)
         stats[1] = T.float32(0)
-        for j in range(t):
-            for d in T.vectorized(dim):
-                prod[d] = q[0, 0, h, d] * k[0, j, h // group, d]
-            fold0(prod)
-            fold1(prod)
-            fold2(prod)
-            stats[3] = T.float32(0)
-            for d in range(width):
-                stats[3] = stats[3] + prod[d]
-            stats[3] = stats[3] * T.float32(scale)
+        for jt in range(T.ceildiv(t, tile)):
+            for jj in T.vectorized(tile):
+                score[jj] = T.float32(_NEG_INF)
+            for jj in range(T.min(tile, t - jt * tile)):
+                for d in T.vectorized(dim):
+                    prod[d] = q[0, 0, h, d] * k[0, jt * tile + jj, h // group, d]
+                fold0(prod)
+                fold1(prod)
+                fold2(prod)
+                fold3(prod)
+                fold4(prod)
+                fold5(prod)
+                fold6(prod)
+                score[jj] = prod[0]
+                for d in range(1, width):
+                    score[jj] = score[jj] + prod[d]
+                score[jj] = score[jj] * T.float32(scale)
             stats[2] = stats[0]
-            stats[0] = T.max(stats[0], stats[3])
-            stats[3] = T.exp(stats[3] - stats[0])
-            stats[1] = stats[1] * T.exp(stats[2] - stats[0]) + stats[3]
+            for jj in range(tile):
+                stats[0] = T.max(stats[0], score[jj])
+            for jj in T.vectorized(tile):
+                score[jj] = fast_exp(score[jj] - stats[0])
+            stats[3] = fast_exp(stats[2] - stats[0])
+            stats[1] = stats[1] * stats[3]
+            for jj in range(tile):
+                stats[1] = stats[1] + score[jj]
             for d in T.vectorized(dim):
-                acc[d] = acc[d] * T.exp(stats[2] - stats[0]) + stats[3] * v[0, j, h // group, d]
+                acc[d] = acc[d] * stats[3]
+            for jj in range(T.min(tile, t - jt * tile)):
+                for d in T.vectorized(dim):
+                    acc[d] = acc[d] + score[jj] * v[0, jt * tile + jj, h // group, d]
         for d in T.vectorized(dim):
             o[0, 0, h, d] = acc[d] / stats[1]
 
