@@ -102,11 +102,13 @@ def test_kernels_pick_the_aarch64_blocking():
     assert not tvm.target.codegen.target_has_features("avx512f", arm)
 
 
-@pytest.mark.parametrize("quant", VARIANTS, ids=lambda q: q or "fp32")
-def test_the_aarch64_graph_computes_the_model(quant, tiny_llama, monkeypatch):
+@pytest.mark.parametrize("quant, prune", [(q, None) for q in VARIANTS] + [(None, "magnitude:2:4")],
+                         ids=lambda v: v or "-")
+def test_the_aarch64_graph_computes_the_model(quant, prune, tiny_llama, monkeypatch):
     """The Relax graph the aarch64 build compiles (its kernels chosen under the cortex-a76 target),
     compiled for this machine instead, matches the IR interpreter: prefill (GEMM kernels) and a
-    decode step (GEMV kernels)."""
+    decode step (GEMV kernels). With 2:4 pruning the compact weights (compact-sparse) are densified
+    for the NEON kernels (the sparse kernels are AVX-512's)."""
     chosen = []  # the blocking of every linear kernel the graph asked for
     for module_, name, key in ((cpu_linear, "make_gemm", "rows"), (cpu_linear, "make_gemv", "split"),
                                (cpu_quant_linear, "make_quant_gemm", 2), (cpu_quant_linear, "make_quant_gemv", 1)):
@@ -127,7 +129,9 @@ def test_the_aarch64_graph_computes_the_model(quant, tiny_llama, monkeypatch):
 
     monkeypatch.setattr(tvm, "compile", compile_here)
     spec = dataclasses.replace(get_target("cpu"), check_toolchain=None, package_library=None)
-    module = optimize(load_hf_folder(tiny_llama), BuildOptions(quant=quant))
+    module = optimize(load_hf_folder(tiny_llama), BuildOptions(quant=quant, prune=prune))
+    if prune:  # the 2:4 weights are stored compactly, read through densify
+        assert any(node.op == "densify" for node in module.functions["decode"].nodes)
     library = compile_module(module, spec, ARCH)
     monkeypatch.undo()
 
