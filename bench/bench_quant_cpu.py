@@ -14,8 +14,9 @@ interleaved (odd rounds in reverse order), medians over rounds:
 Per system: prefill tok/s over a ``--prompt-tokens`` prompt (the start of Persuasion), decode
 tok/s = 1 / median step time of ``--decode-tokens`` greedy steps, peak RSS, and greedy agreement
 with torch. For llmopt's int4 artifact the table also gives the **memory-bandwidth bound** on
-decode: bytes one decode step must read (every stored weight except the embedding table, of
-which one row; plus the KV cache at the mean decode length) / the machine's read bandwidth,
+decode: bytes one decode step must read (every stored weight; of the embedding table one row,
+unless the LM head is tied to it and reads it whole; plus the KV cache at the mean decode length)
+/ the machine's read bandwidth,
 measured in the same run per thread count (numpy sums over a 512 MiB array, one slice per thread).
 Peers are optional: a missing one is named and left out. See ``bench/peers.py`` for how each is
 set up. Writes ``bench/results/cpu_quant_peers.{json,md}``.
@@ -108,8 +109,9 @@ def _build_llmopt(hf_folder: Path, spec: str, out: Path) -> Path:
 
 
 def decode_bytes(artifact: Path, mean_context: int) -> int:
-    """Bytes one decode step reads: every stored weight but the embedding table (one row of it),
-    and the K and V caches (f32) at ``mean_context`` positions."""
+    """Bytes one decode step reads: every stored weight, the embedding table only one row of it
+    unless the LM head is tied to it (then the LM head reads all of it), and the K and V caches
+    (f32) at ``mean_context`` positions."""
     import math
 
     import numpy as np
@@ -117,10 +119,11 @@ def decode_bytes(artifact: Path, mean_context: int) -> int:
     from llmopt.runtime.manifest import read_manifest
 
     manifest = read_manifest(artifact)
+    tied = bool(manifest.model.get("tie_word_embeddings"))
     total = 0
     for w in manifest.weights:
         size = np.dtype(w.dtype).itemsize * math.prod(w.shape)
-        total += size // w.shape[0] if "embed_tokens" in w.name else size
+        total += size // w.shape[0] if "embed_tokens" in w.name and not tied else size
     kv = manifest.kv_cache
     return total + 2 * kv.total_kv_heads() * kv.head_dim * mean_context * 4
 
@@ -211,7 +214,8 @@ def _markdown(report: dict) -> str:
                   f"{t} thread(s) {b:.1f} GB/s" for t, b in report["bandwidth_gb_s"].items()) + ".",
               "- Bandwidth bound = bandwidth / bytes a decode step reads (" + ", ".join(
                   f"{k}: {v / 2**20:.1f} MiB" for k, v in report["decode_bytes"].items())
-              + "; weights without the embedding table, plus the KV cache at the mean decode length).",
+              + "; the weights (a tied embedding table whole: the LM head reads it), plus the KV cache at the "
+              "mean decode length).",
               "- Missing peers: " + (", ".join(report["missing_peers"]) or "none") + "."]
     return "\n".join(lines) + "\n"
 
