@@ -34,12 +34,31 @@ class BuildOptions:
     lowrank: str | None = None  # "METHOD:RATIO[:ALLOCATION]" (svd:0.2, asvd:0.2): factorize, then quantize
     dtype: str = "fp32"  # "fp16": weights, activations and KV cache in f16 (half-precision, last pass)
     weight_storage: str = "auto"  # "auto": mostly-one-value (pruned) weights stored compactly; "plain": as is
+    activations: str = "f32"  # "int8": prefill's 4-bit linears take int8 activations (int8-activations, W4A8)
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
 WEIGHT_STORAGE = ("auto", "plain")
+ACTIVATIONS = ("f32", "int8")
+
+
+def check_activations(options: BuildOptions, spec) -> None:
+    """An LLMOptError naming what to change unless ``options.activations`` can be built for ``spec``."""
+    if options.activations not in ACTIVATIONS:
+        raise LLMOptError(f"--activations {options.activations!r} is unknown.", f"Use one of: {', '.join(ACTIVATIONS)}.")
+    if options.activations == "f32":
+        return
+    if not spec.int8_activations:
+        raise LLMOptError(f"--activations int8: target {spec.name} has no int8-activation (W4A8) kernels.",
+                          "Build it for --target cpu, or leave --activations out.")
+    if options.dtype != "fp32":
+        raise LLMOptError(f"--activations int8 with --dtype {options.dtype}: int8 activations are defined on f32 "
+                          "models.", "Use --dtype fp32 with --activations int8.")
+    if not options.quant and options.bits_budget is None:
+        raise LLMOptError("--activations int8 needs 4-bit weights: no --quant was given.",
+                          "Add --quant w4g128 (or another symmetric 4-bit scheme: w4g32, w4g64, gptq:w4g128, ...).")
 
 
 @dataclass
@@ -81,6 +100,9 @@ def optimize(module: Module, options: BuildOptions, report: BuildReport | None =
             from .passes.quant.mixed_precision import planned_quantization
             quant_pass = planned_quantization(quant_pass, options.bits_budget, options.quant_rules, options.calibration)
         passes = with_quantization(passes, quant_pass)
+    if options.activations == "int8":  # after quantization: it rewrites the quantized linears
+        from .passes.quant.int8_activations import Int8Activations
+        passes = with_quantization(passes, Int8Activations())
     if options.dtype == "fp16":  # last: every pass before it computes in f32
         from .passes.half_precision import HalfPrecision
         from .targets import get_target
@@ -192,6 +214,7 @@ def build(model, out: str | Path, options: BuildOptions = BuildOptions(), force:
     check_output_path(out)  # a file in the way or a folder not writable: before any work
     check_arch(spec, options.arch)  # likewise an --arch the target does not know
     check_dtype(spec, options.dtype)  # and a --dtype it has no kernels for
+    check_activations(options, spec)
     if options.weight_storage not in WEIGHT_STORAGE:
         raise LLMOptError(f"weight storage {options.weight_storage!r} is unknown.",
                           f"Use one of: {', '.join(WEIGHT_STORAGE)}.")

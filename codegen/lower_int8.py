@@ -1,7 +1,8 @@
-"""How ``linear_w8a8`` (int8 activations x int8 weights, ir/ops.py) becomes Relax.
+"""How ``linear_w8a8`` (int8 activations x int8 weights) and ``linear_w4a8`` (int8 activations x
+symmetric 4-bit weights, ir/ops.py) become Relax.
 
-LLVM (CPU) targets get the hand-scheduled kernel of kernels/cpu_int8_linear.py (VNNI where the CPU
-has it). Other targets get :func:`w8a8_linear_te`, the op's definition as TE computes (per-row
+LLVM (CPU) targets get the hand-scheduled kernels of kernels/cpu_int8_linear.py and
+kernels/cpu_w4a8_linear.py (VNNI where the CPU has it; W4A8 for groups of 32, 64 or 128). Other targets get :func:`w8a8_linear_te`, the op's definition as TE computes (per-row
 quantization, an int32 reduction over int8 products, the scale epilogue), left to the target's
 schedule rules. Registered into ``LOWERINGS`` by the import at the end of lower_ops.py.
 """
@@ -11,7 +12,9 @@ from __future__ import annotations
 import tvm
 from tvm import relax, te, tirx
 
+from ..ir.ops import w4a8_scheme
 from .kernels.cpu_int8_linear import emit_w8a8_linear
+from .kernels.cpu_w4a8_linear import emit_w4a8_linear, supports_w4a8
 from .lower_ops import lowers
 
 
@@ -61,3 +64,60 @@ def _linear_w8a8(ctx, node, args):
     x2d = ctx.bb.emit(relax.op.reshape(x, [-1, shape[-1]]))
     y = ctx.bb.emit_te(w8a8_linear_te, x2d, codes, scales, *bias, primfunc_name_hint="linear_w8a8")
     return relax.op.reshape(y, shape[:-1] + [node.type.shape[-1]])
+
+
+# ---- linear_w4a8: int8 activations x symmetric 4-bit weights ---------------------------------
+
+def w4a8_linear_te(x: te.Tensor, codes: te.Tensor, scales: te.Tensor, *bias: te.Tensor, group: int) -> te.Tensor:
+    """``linear_w4a8`` on x f32 ``[M, K]``, codes u32 ``[N, K/8]``, scales ``[N, groups]``[, bias ``[N]``]
+    as TE computes, for targets and shapes without the CPU kernel: the same quantization and exact
+    int32 group sums; the groups are summed in f32 in the order the schedule picks (not the op's fma
+    chain: equal to a few ulps)."""
+    m, k = x.shape
+    k_static, groups = int(k), int(scales.shape[1])
+    zero, top = tirx.const(0, "float32"), tirx.const(127, "float32")
+    r = te.reduce_axis((0, group), name="r")
+
+    def inside(g, j):
+        return g * group + j < k_static
+
+    amax = te.compute((m, groups), lambda i, g: te.max(tirx.Select(
+        inside(g, r), tirx.abs(x[i, tirx.min(g * group + r, k_static - 1)]), zero), axis=r), name="group_amax")
+    sx = te.compute((m, groups), lambda i, g: tirx.Select(amax[i, g] > zero, amax[i, g] / top,
+                                                          tirx.const(1, "float32")), name="group_scale")
+    xq = te.compute((m, k), lambda i, j: tirx.Cast("int32", tirx.max(tirx.min(
+        tirx.nearbyint(x[i, j] / sx[i, tirx.floordiv(j, group)]), top), -top)), name="group_codes")
+
+    def level(n, j):  # code j of row n minus the offset 8
+        word = codes[n, tirx.floordiv(j, 8)]
+        nibble = tirx.bitwise_and(tirx.shift_right(word, tirx.Cast("uint32", tirx.floormod(j, 8) * 4)),
+                                  tirx.const(15, "uint32"))
+        return tirx.Cast("int32", nibble) - 8
+
+    r2 = te.reduce_axis((0, group), name="r2")
+    isum = te.compute((m, codes.shape[0], groups), lambda i, n, g: te.sum(tirx.Select(
+        inside(g, r2), xq[i, tirx.min(g * group + r2, k_static - 1)] * level(n, tirx.min(g * group + r2, k_static - 1)),
+        0), axis=r2), name="group_isum")
+    gr = te.reduce_axis((0, groups), name="gr")
+    y = te.compute((m, codes.shape[0]), lambda i, n: te.sum(
+        tirx.Cast("float32", isum[i, n, gr]) * (sx[i, gr] * scales[n, gr]), axis=gr), name="w4a8_sum")
+    if not bias:
+        return y
+    return te.compute(y.shape, lambda i, n: y[i, n] + bias[0][n], name="w4a8_bias")
+
+
+@lowers("linear_w4a8")
+def _linear_w4a8(ctx, node, args):
+    x, codes, scales, *bias = args
+    x_type = ctx.types[node.inputs[0]]
+    n, k = node.type.shape[-1], x_type.shape[-1]
+    scheme = w4a8_scheme(node.attr["scheme"], k)
+    target = tvm.target.Target.current(allow_none=True)
+    if target is not None and target.kind.name == "llvm" and supports_w4a8(scheme, k):
+        y = emit_w4a8_linear(ctx.bb, x, codes, scales, out_features=n, group=scheme.group_of(k), target=target)
+        return relax.op.add(y, bias[0]) if bias else y
+    shape = [ctx.dim(d) for d in x_type.shape]
+    x2d = ctx.bb.emit(relax.op.reshape(x, [-1, shape[-1]]))
+    y = ctx.bb.emit_te(w4a8_linear_te, x2d, codes, scales, *bias, group=scheme.group_of(k),
+                       primfunc_name_hint="linear_w4a8")
+    return relax.op.reshape(y, shape[:-1] + [n])

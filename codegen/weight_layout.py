@@ -5,7 +5,7 @@ which can gather rows from the packed layout too) is stored packed, once: so a t
 LM head share one copy. So is a weight read only as an operand of ``dequantize`` nodes that the
 target's fused quantized-linear kernel absorbs (codegen/quant_fusion.py): its packed codes, scales
 and zeros, each ``[N, columns]``, get the same layout, and so do the int8 codes and scales of
-``linear_w8a8`` (whose CPU kernel reads them blocked). An absorbed ``dequantize`` read as an
+``linear_w8a8`` and the 4-bit codes and scales of ``linear_w4a8`` (whose CPU kernels read them blocked). An absorbed ``dequantize`` read as an
 embedding table too (a tied embedding and LM head quantized alike) keeps its parts blocked, once:
 the embedding gathers rows of the blocked parts (an ``embedding-dequantize`` use); parts read only
 by embeddings have no linear kernel to serve and stay as the IR says. A weight read any other way
@@ -19,7 +19,8 @@ from .quant_fusion import SupportsQuantLinear, dequantize_uses, fused_dequantize
 
 FUSED_DEQUANTIZE = "fused-dequantize"  # the op name a use by an absorbed dequantize is recorded under
 EMBEDDING_DEQUANTIZE = "embedding-dequantize"  # ... and a use by one an embedding gathers rows of
-ANCHOR_USES = ({("linear", 1), ("linear_w8a8", 1), ("linear_w8a8", 2)}  # uses read by a linear kernel
+ANCHOR_USES = ({("linear", 1), ("linear_w8a8", 1), ("linear_w8a8", 2), ("linear_w4a8", 1), ("linear_w4a8", 2)}
+               # uses read by a linear kernel
                | {(FUSED_DEQUANTIZE, i) for i in range(3)})
 PACKABLE_USES = ANCHOR_USES | {("embedding", 1)} | {(EMBEDDING_DEQUANTIZE, i) for i in range(3)}
 

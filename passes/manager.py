@@ -20,6 +20,7 @@ from .dce import DeadCodeElimination
 from .fold_constants import FoldConstants
 from .fuse_linears import FuseLinears
 from .half_precision import HalfPrecision
+from .quant.int8_activations import Int8Activations
 from .instruments import Instrument
 from .lowrank import LowRankASVD, LowRankSVD
 from .prune import PruneMagnitude, PruneSparseGPT, PruneStructured, PruneWanda
@@ -37,6 +38,7 @@ PASSES[SmoothQuant.name] = SmoothQuant
 PASSES.update({cls.name: cls for cls in (PruneMagnitude, PruneWanda, PruneSparseGPT, PruneStructured, CompactSparse)})
 PASSES.update({cls.name: cls for cls in (LowRankSVD, LowRankASVD)})
 PASSES[HalfPrecision.name] = HalfPrecision
+PASSES[Int8Activations.name] = Int8Activations
 
 PIPELINES: dict[str, list[str]] = {
     "default": ["fuse-linears", "fold-constants", "cse", "dce"],

@@ -48,6 +48,7 @@ class TargetSpec:
     dtypes: tuple[str, ...] = ("fp32",)  # --dtype values it has kernels for
     fp16_activations: bool = True  # --dtype fp16 computes in f16 (GPUs); False: f16 weights, f32 compute
     compact_sparse: bool = False  # its kernels read N:M-sparse weights as values + indices (compact-sparse)
+    int8_activations: bool = False  # it has W4A8 kernels (linear_w4a8: int8 activations x 4-bit weights)
 
 
 class UnknownTargetError(LLMOptError):

@@ -159,5 +159,6 @@ TARGET = TargetSpec(
     package_library=_package_library,
     dtypes=("fp32", "fp16"),
     fp16_activations=False,  # f16 weights widened in the linear kernels; x86 has no fast f16 arithmetic
+    int8_activations=True,  # VNNI vpdpbusd where the CPU has it, portable int32 code elsewhere (cpu_w4a8_linear.py)
     compact_sparse=True,  # decode gathers x per kept value, prefill's sparse GEMM (cpu_sparse_linear.py)
 )
