@@ -97,12 +97,18 @@ def _child_bandwidth(threads: int, repeats: int = 7) -> None:
 
 
 def _build_llmopt(hf_folder: Path, spec: str, out: Path) -> Path:
-    """An llmopt CPU artifact of ``spec`` with the LM head on the same scheme."""
+    """An llmopt CPU artifact of ``spec`` (a ``--compare`` variant: a --quant spec, ``+act=int8`` for
+    int8 prefill activations) with the LM head on the same scheme."""
+    from dataclasses import asdict
+
+    from llmopt.compare import parse_variant
     from llmopt.compiler import BuildOptions, build
     from llmopt.frontend.hf_folder import load_hf_folder
 
+    variant = parse_variant(spec)
     start = time.perf_counter()
-    build(load_hf_folder(hf_folder), out, BuildOptions(target="cpu", quant=spec, quant_rules=f"lm_head={spec}"),
+    build(load_hf_folder(hf_folder), out, BuildOptions(target="cpu", quant_rules=f"lm_head={variant.quant}",
+                                                       **asdict(variant)),
           force=True)
     print(f"built llmopt {spec} in {time.perf_counter() - start:.1f} s", flush=True)
     return out
