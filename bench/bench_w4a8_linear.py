@@ -14,6 +14,16 @@ in interleaved rounds (this machine is shared: a variant never gets a quiet spel
 median per call is reported. Every output is checked first (w4a8 against its numpy reference).
 ``--tiles`` also times w4a8's register tile choices (rows x columns) at two shapes.
 
+``--m 1`` (decode) times instead, for SmolLM2's decode shapes (also 960 x 576 qkv fused and the
+49152 x 576 LM head), at M = 1: ``w4a8`` (its GEMV, ``make_w4a8_gemv``), ``w4a8-gemm`` (the GEMM
+above with one-row tiles, what M = 1 ran before the GEMV) and ``w4-f32`` (cpu_quant_linear's
+``make_quant_gemv``, what decode runs today), each hot (the same weights every call: cache-resident
+but for the LM head) and cold (each call reads another copy of the weights, 256 MiB of copies, so
+they stream from memory as in a model); rate = (packed codes + scales) bytes / time, against a
+measured single-stream read bandwidth (numpy's sum of a 512 MiB array). ``--gemv-options`` also
+times the GEMV's variants (odd codes in the high nibbles or shifted down; software prefetch).
+Writes ``bench/results/cpu_w4a8_linear_decode.{json,md}``.
+
 Accuracy: the relative error (Frobenius) that int8 activations add, ``|y_w4a8 - y_w4| / |y_w4|``
 with ``y_w4 = x @ dequantize(W)^T`` in f64, next to what the 4-bit weight itself costs,
 ``|y_w4 - y_f32| / |y_f32|``; on synthetic data (normal x with 4 outlier channels x20, normal W) and,
@@ -22,6 +32,7 @@ when llmopt's SmolLM2 folder is cached, on real weights and real inputs of those
 starts. Writes ``bench/results/cpu_w4a8_linear.{json,md}``.
 
     python bench/bench_w4a8_linear.py [--threads 1] [--rounds 9] [--tiles]
+    python bench/bench_w4a8_linear.py --m 1 [--threads 1] [--rounds 9] [--gemv-options]
 """
 
 from __future__ import annotations
@@ -45,29 +56,40 @@ OUTLIERS = 4  # synthetic x: channels scaled by 20
 LAYERS = (0, 14, 29)
 TEXT = Path("/work/shared/data/austen/pride_and_prejudice.txt")
 RESULTS = Path(__file__).resolve().parent / "results" / "cpu_w4a8_linear"
+DECODE_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576)]
+DECODE_VARIANTS = ("w4a8", "w4a8-gemm", "w4-f32")
+GEMV_OPTIONS = [(True, 0), (False, 0), (True, 16), (True, 64)]  # (high nibbles, prefetch words ahead)
+OPTION_SHAPES = [(3072, 576), (49152, 576)]
+COLD_BYTES = 256 << 20  # weight copies cycled through per decode call when cold
+BANDWIDTH_BYTES = 512 << 20
 
 
 # ---- building and checking the kernels ---------------------------------------------------------
 
-def _compile(variant: str, n: int, k: int, group: int, target, tile=None):
-    """``main(x[m, k], *weights) -> y[m, n]`` (symbolic m) for ``variant``, compiled."""
+def _compile(variant, n: int, k: int, group: int, target, tile=None, rows: int | None = None):
+    """``main(x[m, k], *weights) -> y[m, n]`` for ``variant``, compiled: m symbolic, or the constant
+    ``rows`` (1 selects the GEMVs). A ``variant`` (high_nibbles, prefetch) is w4a8's GEMV so built."""
     import tvm
     from tvm import relax, tirx
 
     from llmopt.codegen.build import relax_pipeline
     from llmopt.codegen.kernels.cpu_linear import emit_linear
     from llmopt.codegen.kernels.cpu_quant_linear import emit_quant_linear
-    from llmopt.codegen.kernels.cpu_w4a8_linear import emit_w4a8_linear
+    from llmopt.codegen.kernels.cpu_w4a8_linear import W4A8Shape, emit_w4a8_linear, make_w4a8_gemv
     from llmopt.ir.quant_schemes import get_scheme
     from llmopt.targets import get_target
 
-    x = relax.Var("x", relax.TensorType([tirx.Var("m", "int64"), k], "float32"))
+    m = tirx.Var("m", "int64") if rows is None else rows
+    x = relax.Var("x", relax.TensorType([m, k], "float32"))
     weights = [relax.Var(f"w{i}", relax.TensorType(list(a.shape), str(a.dtype)))
                for i, a in enumerate(_weight_arrays(variant, _random_weight(n, k), group))]
     bb = relax.BlockBuilder()
     with bb.function("main", [x, *weights]):
         with bb.dataflow():
-            if variant == "f32":
+            if isinstance(variant, tuple):
+                gv = bb.add_func(make_w4a8_gemv(W4A8Shape(n, k, group), True, *variant), "gemv")
+                y = bb.emit(relax.call_tir(gv, [x, *weights], relax.TensorType([1, n], "float32")))
+            elif variant == "f32":
                 y = emit_linear(bb, x, weights[0], None, target, out_features=n)
             elif variant == "w4-f32":
                 y = emit_quant_linear(bb, x, weights[0], weights[1], None, None, scheme=get_scheme(f"w4g{group}"),
@@ -114,7 +136,7 @@ def _check(variant: str, got, x, w, group: int) -> None:
     from llmopt.codegen.kernels.cpu_w4a8_linear import w4a8_reference
     from llmopt.ir.quant_schemes import get_scheme
 
-    if variant == "w4a8":
+    if variant == "w4a8" or variant == "w4a8-gemm" or isinstance(variant, tuple):
         want, tolerance = w4a8_reference(x, *_quantized(w, group), group), 1e-6
     elif variant == "w4-f32":
         packed, scales = _quantized(w, group)
@@ -183,6 +205,114 @@ def measure_tiles(target, rounds: int) -> list[dict]:
                                 "gops": 2 * M * n * k / s / 1e9})
                 print(_tile_row(results[-1]), flush=True)
     return results
+
+
+# ---- decode (M = 1) ----------------------------------------------------------------------------
+
+def _read_bandwidth(rounds: int) -> float:
+    """GB/s of one thread streaming a 512 MiB f32 array (numpy's vectorized sum)."""
+    import numpy as np
+
+    from kernel_timing import median_seconds
+
+    a = np.ones(BANDWIDTH_BYTES // 4, np.float32)
+    return a.nbytes / 1e9 / median_seconds(a.sum, rounds, BLOCK_SECONDS)
+
+
+def _label(variant) -> str:
+    if isinstance(variant, tuple):
+        high_nibbles, prefetch = variant
+        return f"gemv {'hi' if high_nibbles else 'shift'} pf{prefetch}"
+    return variant
+
+
+def measure_decode(target, rounds: int, shapes, variants, bandwidth: float) -> list[dict]:
+    """Time ``variants`` at M = 1 per (shape, group), hot and cold, interleaved."""
+    import numpy as np
+    import tvm
+
+    results = []
+    for n, k in shapes:
+        w = _random_weight(n, k)
+        x = np.random.default_rng(k).standard_normal((1, k), dtype=np.float32)
+        tx = tvm.runtime.tensor(x)
+        for group in GROUPS:
+            arrays = _weight_arrays("w4a8", w, group)  # the same blocked codes and scales for every variant
+            nbytes = sum(a.nbytes for a in arrays)
+            copies = [[tvm.runtime.tensor(a) for a in arrays] for _ in range(max(1, COLD_BYTES // nbytes))]
+            hot, cold = {}, {}
+            for variant in variants:
+                main, _ = _compile(variant, n, k, group, target, rows=None if variant == "w4a8-gemm" else 1)
+                _check(variant, main(tx, *copies[0]).numpy(), x, w, group)
+                hot[variant] = lambda main=main: main(tx, *copies[0])
+
+                def calls(main=main):
+                    for weights in copies:
+                        main(tx, *weights)
+
+                cold[variant] = calls
+            hot_s = _time_interleaved(hot, rounds)
+            cold_s = {v: t / len(copies) for v, t in _time_interleaved(cold, rounds).items()}
+            base = "w4-f32" if "w4-f32" in variants else variants[0]
+            for variant in variants:
+                results.append({"n": n, "k": k, "m": 1, "group": group, "variant": _label(variant), "bytes": nbytes,
+                                "hot_seconds": hot_s[variant], "cold_seconds": cold_s[variant],
+                                "hot_gb_s": nbytes / hot_s[variant] / 1e9, "cold_gb_s": nbytes / cold_s[variant] / 1e9,
+                                "cold_of_bandwidth": nbytes / cold_s[variant] / 1e9 / bandwidth,
+                                "hot_vs_base": hot_s[base] / hot_s[variant], "cold_vs_base": cold_s[base] / cold_s[variant],
+                                "base": _label(base)})
+                print(_decode_row(results[-1]), flush=True)
+    return results
+
+
+def _decode_row(r: dict) -> str:
+    return (f"| {r['n']:>5} | {r['k']:>5} | w4g{r['group']:<3} | {r['variant']:<14} | {r['bytes'] / 2**20:6.2f} | "
+            f"{r['hot_seconds'] * 1e6:8.1f} | {r['hot_gb_s']:6.1f} | {r['hot_vs_base']:5.2f}x | "
+            f"{r['cold_seconds'] * 1e6:8.1f} | {r['cold_gb_s']:5.1f} ({r['cold_of_bandwidth']:4.0%}) | "
+            f"{r['cold_vs_base']:5.2f}x |")
+
+
+DECODE_HEADER = ["| N | K | weight | kernel | MiB | hot us | hot GB/s | hot vs base | cold us | cold GB/s (of bw) | "
+                 "cold vs base |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+
+def decode(target, threads: int, rounds: int, options: bool) -> None:
+    """The ``--m 1`` report: w4a8's GEMV against the GEMM at M = 1 and make_quant_gemv."""
+    load = os.getloadavg()[0]
+    bandwidth = _read_bandwidth(rounds)
+    print(f"read bandwidth {bandwidth:.1f} GB/s", flush=True)
+    print("\n".join(DECODE_HEADER), flush=True)
+    timings = measure_decode(target, rounds, DECODE_SHAPES, DECODE_VARIANTS, bandwidth)
+    option_rows = []
+    if options:
+        print("\n".join(DECODE_HEADER), flush=True)
+        option_rows = measure_decode(target, rounds, OPTION_SHAPES, GEMV_OPTIONS, bandwidth)
+    summary = []
+    for group in GROUPS:
+        for mode in ("hot", "cold"):
+            for variant in DECODE_VARIANTS[:2]:
+                ratios = [r[f"{mode}_vs_base"] for r in timings if r["variant"] == variant and r["group"] == group]
+                summary.append(f"- w4g{group} {mode}: {variant} runs {min(ratios):.2f}x to {max(ratios):.2f}x as fast "
+                               f"as w4-f32 (geometric mean {statistics.geometric_mean(ratios):.2f}x)")
+    lines = ["# W4A8 decode (M = 1): the GEMV vs the GEMM at M = 1 vs the int4 f32 GEMV", "",
+             f"{threads} thread(s), {target.attrs['mcpu']} ({platform.machine()}); measured read bandwidth "
+             f"{bandwidth:.1f} GB/s (numpy sum of 512 MiB); load average before: {load:.2f}, after: "
+             f"{os.getloadavg()[0]:.2f}; median of {rounds} interleaved rounds.", "",
+             "w4a8: cpu_w4a8_linear.make_w4a8_gemv; w4a8-gemm: cpu_w4a8_linear.make_w4a8_gemm at M = 1; "
+             "w4-f32: cpu_quant_linear.make_quant_gemv (decode today). MiB and GB/s count the packed codes and "
+             "scales; times include quantizing x and the VM call. Hot: the same weights every call (cache-resident "
+             f"but for the LM head); cold: each call reads another copy ({COLD_BYTES >> 20} MiB of copies). "
+             "'vs base': the w4-f32 time / this time.", "", *DECODE_HEADER, *map(_decode_row, timings), "", *summary]
+    if option_rows:
+        lines += ["", "## GEMV variants", "",
+                  "hi: odd codes kept in their high nibbles (word & 0xF0F0F0F0, one shift per group); shift: "
+                  "(word >> 4) & 0x0F0F0F0F per word. pfN: software prefetch N words ahead (0: none). "
+                  "'vs base': the first variant's time / this time.", "",
+                  *DECODE_HEADER, *map(_decode_row, option_rows)]
+    print("\n".join(summary))
+    write_results(RESULTS.with_name(RESULTS.name + "_decode"),
+                  {"threads": threads, "bandwidth_gb_s": bandwidth, "timings": timings, "gemv_options": option_rows},
+                  "\n".join(lines), indent=1)
 
 
 # ---- accuracy ----------------------------------------------------------------------------------
@@ -284,6 +414,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--tiles", action="store_true", help="also time w4a8's register tile choices")
+    parser.add_argument("--m", type=int, choices=(1, M), default=M,
+                        help=f"rows of x: {M} (prefill, the default) or 1 (decode: the GEMVs)")
+    parser.add_argument("--gemv-options", action="store_true", help="with --m 1: also time the GEMV's variants")
     args = parser.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before TVM starts its thread pool
     from llmopt.codegen.kernels.cpu_linear import host_cpu_target
@@ -292,6 +425,9 @@ def main() -> None:
     target = host_cpu_target(args.threads)
     if not has_vnni(target):
         raise SystemExit(f"{target.attrs['mcpu']} has no AVX-512 VNNI: nothing to compare")
+    if args.m == 1:
+        decode(target, args.threads, args.rounds, args.gemv_options)
+        return
     load = os.getloadavg()[0]
     timing_header = ["| N | K | M | weight | kernel | us | GOP/s | vs w4-f32 |", "|---|---|---|---|---|---|---|---|"]
     print("\n".join(timing_header), flush=True)

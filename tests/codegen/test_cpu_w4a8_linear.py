@@ -1,5 +1,5 @@
-"""The W4A8 CPU GEMM (codegen/kernels/cpu_w4a8_linear.py) computes its numpy reference, with VNNI and
-portably, and the reference is the stated semantics: int8 activations per group times the 4-bit levels."""
+"""The W4A8 CPU GEMM and GEMV (codegen/kernels/cpu_w4a8_linear.py) compute their numpy reference, with VNNI
+and portably, and the reference is the stated semantics: int8 activations per group times the 4-bit levels."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from llmopt.codegen.kernels.cpu_w4a8_linear import (
     W4A8Shape,
     emit_w4a8_linear,
     has_vnni,
+    make_w4a8_gemv,
     quantize_activations,
     supports_w4a8,
     w4a8_reference,
@@ -59,11 +60,13 @@ def _activations(m: int, k: int, seed: int, special_rows: bool = True) -> np.nda
     return x
 
 
-def _compile(n: int, k: int, group: int, vnni: bool, blocked: bool):
-    """``main(x[m, k], codes, scales) -> y[m, n]`` (symbolic m) through the CPU target's pipeline."""
+def _compile(n: int, k: int, group: int, vnni: bool, blocked: bool, rows: int | None = None):
+    """``main(x[m, k], codes, scales) -> y[m, n]`` through the CPU target's pipeline: m symbolic, or the
+    constant ``rows``. Returns the executable, ``main`` and the names of the module's functions."""
     groups = -(-k // group)
     shapes = [STORED_LAYOUT.packed_shape(n, c) if blocked else (n, c) for c in (k // 8, groups)]
-    params = [relax.Var("x", relax.TensorType([tirx.Var("m", "int64"), k], "float32")),
+    m = tirx.Var("m", "int64") if rows is None else rows
+    params = [relax.Var("x", relax.TensorType([m, k], "float32")),
               relax.Var("codes", relax.TensorType(list(shapes[0]), "uint32")),
               relax.Var("scales", relax.TensorType(list(shapes[1]), "float32"))]
     bb = relax.BlockBuilder()
@@ -72,15 +75,18 @@ def _compile(n: int, k: int, group: int, vnni: bool, blocked: bool):
             y = emit_w4a8_linear(bb, *params, out_features=n, group=group, target=TARGET, vnni=vnni)
             out = bb.emit_output(y)
         bb.emit_func_output(out)
+    module = bb.get()
+    names = {gv.name_hint for gv in module.functions}
     with TARGET:
-        executable = tvm.compile(bb.get(), TARGET, relax_pipeline=relax_pipeline(get_target("cpu"), TARGET))
-    return executable, relax.VirtualMachine(executable, tvm.cpu())["main"]
+        executable = tvm.compile(module, TARGET, relax_pipeline=relax_pipeline(get_target("cpu"), TARGET))
+    return executable, relax.VirtualMachine(executable, tvm.cpu())["main"], names
 
 
 @pytest.mark.parametrize("n,k,group,vnni,blocked", CASES)
 def test_kernel_computes_the_reference(n, k, group, vnni, blocked):
     codes, scales = _weights(n, k, group, seed=n + k)
-    executable, main = _compile(n, k, group, vnni, blocked)
+    executable, main, names = _compile(n, k, group, vnni, blocked)
+    assert any(name.startswith("linear_gemm_") for name in names)
     stored = [STORED_LAYOUT.pack(a) for a in (codes, scales)] if blocked else [codes, scales]
     for m in ROWS:
         x = _activations(m, k, seed=m)
@@ -90,6 +96,60 @@ def test_kernel_computes_the_reference(n, k, group, vnni, blocked):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max(), err_msg=f"M={m}")
     asm = "".join(lib.inspect_source("asm") for lib in executable.mod.imports)
     assert ("vpdpbusd" in asm) == vnni  # the int8 x u4 products run as vpdpbusd, or without it
+
+
+# Decode: SmolLM2-135M's M = 1 linears (qkv fused 960, o_proj 576, gate+up 3072, down_proj; the 49152-row
+# LM head as 4096 rows) in groups of 32 and 128 (K = 576: a short last group of 64), groups of 64, then N
+# not a multiple of 64 nor of 16, the IR's layout, the portable kernel.
+GEMV_CASES = [_case(n, k, group) for n, k in ((960, 576), (576, 576), (3072, 576), (576, 1536), (4096, 576))
+              for group in (32, 128)]
+GEMV_CASES += [_case(576, 576, 64), _case(100, 576, 128), _case(72, 192, 64, blocked=False),
+               _case(80, 96, 32, vnni=False), _case(100, 576, 128, vnni=False)]
+
+
+@pytest.mark.parametrize("n,k,group,vnni,blocked", GEMV_CASES)
+def test_gemv_computes_the_reference(n, k, group, vnni, blocked):
+    """A constant M of 1 selects the GEMV, which computes the op exactly as the reference does: x with
+    outliers, an all-zero x (scale 1), and ties (round half to even), over seeds."""
+    codes, scales = _weights(n, k, group, seed=n + k + group)
+    executable, main, names = _compile(n, k, group, vnni, blocked, rows=1)
+    assert any(name.startswith("linear_gemv_") for name in names)
+    assert not any(name.startswith("linear_gemm_") for name in names)
+    stored = [STORED_LAYOUT.pack(a) for a in (codes, scales)] if blocked else [codes, scales]
+    stored = [tvm.runtime.tensor(a) for a in stored]
+    special = _activations(4, k, seed=0)
+    for name, x in [(f"seed {seed}", _activations(1, k, seed=seed)) for seed in range(4)] + [
+            ("zeros", special[2:3]), ("ties", special[3:4])]:
+        got = main(tvm.runtime.tensor(x), *stored).numpy()
+        want = w4a8_reference(x, codes, scales, group)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * max(np.abs(want).max(), 1e-30), err_msg=name)
+    asm = "".join(lib.inspect_source("asm") for lib in executable.mod.imports)
+    assert ("vpdpbusd" in asm) == vnni
+
+
+@NO_VNNI
+@pytest.mark.parametrize("high_nibbles,prefetch", [(False, 0), (True, 16)])
+def test_gemv_options_compute_the_reference(high_nibbles, prefetch):
+    """The GEMV's other variants (odd codes shifted down; software prefetch, across blocks) are exact too."""
+    n, k, group = 200, 576, 128
+    codes, scales = _weights(n, k, group, seed=3)
+    stored = [STORED_LAYOUT.pack(a) for a in (codes, scales)]
+    params = [relax.Var("x", relax.TensorType([1, k], "float32"))]
+    params += [relax.Var(name, relax.TensorType(list(a.shape), str(a.dtype))) for name, a in zip(("q", "s"), stored)]
+    bb = relax.BlockBuilder()
+    with bb.function("main", params):
+        with bb.dataflow():
+            gv = bb.add_func(make_w4a8_gemv(W4A8Shape(n, k, group), True, high_nibbles, prefetch), "gemv")
+            out = bb.emit_output(bb.emit(relax.call_tir(gv, params, relax.TensorType([1, n], "float32"))))
+        bb.emit_func_output(out)
+    with TARGET:
+        executable = tvm.compile(bb.get(), TARGET, relax_pipeline=relax_pipeline(get_target("cpu"), TARGET))
+    main = relax.VirtualMachine(executable, tvm.cpu())["main"]
+    for seed in range(3):
+        x = _activations(1, k, seed=seed)
+        got = main(*[tvm.runtime.tensor(a) for a in (x, *stored)]).numpy()
+        want = w4a8_reference(x, codes, scales, group)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("group", [32, 128])
