@@ -6,13 +6,14 @@ Each ``linear(x, dequantize(packed, scales; scheme)[, bias])`` whose scheme is s
 at run time (``max|x| / 127`` per group, round half to even), each group's dot products are exact
 int32 sums and the groups are combined in f32 (ir/ops.py ``linear_w4a8_reference`` states it to the
 rounding). On CPUs with AVX-512 VNNI the group sums are ``vpdpbusd`` instructions
-(codegen/kernels/cpu_w4a8_linear.py), 2.5-3.7x the f32-activation kernel on SmolLM2's prefill shapes;
+(codegen/kernels/cpu_w4a8_linear.py), 2.5-3.7x the f32-activation GEMM on SmolLM2's prefill shapes;
 the price is the activations' rounding (about 1% more output error per linear on SmolLM2, on top of
 the 4-bit weights' 8-10%). llama.cpp's Q4_0 and Q8_0 do the same with blocks of 32.
 
-Options: ``functions``: the entry points to rewrite, comma-separated (default ``prefill,logits``: the
-prompt and perplexity scoring, where the GEMMs run; ``decode`` keeps f32 activations and the fused
-int4 GEMV). Asymmetric, per-channel, 3-bit, 8-bit and codebook (NF4, FP8) schemes are left alone.
+Options: ``functions``: the entry points to rewrite, comma-separated (default all three,
+``prefill,decode,logits``, so a token's logits are computed the same way in prefill and decode;
+decode's VNNI GEMV reads the weights at up to the memory bandwidth, 1.3-1.65x the f32-activation int4
+GEMV). Asymmetric, per-channel, 3-bit, 8-bit and codebook (NF4, FP8) schemes are left alone.
 
 Requires: verified IR after a quantization pass (the ``dequantize`` nodes of ``quantize_linears``).
 Guarantees: the named functions' eligible linears read the packed codes and scales directly through
@@ -33,7 +34,7 @@ from ...ir.ops import OpError, w4a8_scheme
 from ..base import Pass, PassResult, map_functions
 from ..rewrite import rebuild, renamed
 
-DEFAULT_FUNCTIONS = "prefill,logits"
+DEFAULT_FUNCTIONS = "prefill,decode,logits"
 
 
 @dataclass(frozen=True)

@@ -52,16 +52,25 @@ def _ops(module, function):
     return [node.op for node in module.functions[function].nodes]
 
 
-def test_the_rewrite_touches_prefill_and_logits_only(tiny_llama):
+def test_the_rewrite_touches_every_quantized_linear(tiny_llama):
     plain = optimize(load(tiny_llama), BuildOptions(quant="w4g32"))
     int8 = optimize(load(tiny_llama), BuildOptions(quant="w4g32", activations="int8"))
-    for function in ("prefill", "logits"):
+    for function in ("prefill", "decode", "logits"):
         linears = _ops(plain, function).count("linear")
         assert _ops(int8, function).count("linear_w4a8") == linears - 1  # all but the float LM head
         assert _ops(int8, function).count("dequantize") == 0  # dce removed the ones nothing reads
-    assert _ops(int8, "decode") == _ops(plain, "decode")
     node = next(n for n in int8.functions["prefill"].nodes if n.op == "linear_w4a8")
     assert node.attr["scheme"] == "w4g32" and node.created_by == "int8-activations"
+
+
+def test_the_functions_option_limits_the_rewrite(tiny_llama):
+    from llmopt.passes.quant.int8_activations import Int8Activations
+    quantized = optimize(load(tiny_llama), BuildOptions(quant="w4g32"))
+    result = Int8Activations(functions="prefill").apply(quantized)
+    assert "linear_w4a8" in _ops(result.module, "prefill")
+    assert _ops(result.module, "decode") == _ops(quantized, "decode")
+    with pytest.raises(LLMOptError, match="names prefil,"):
+        Int8Activations(functions="prefil, decode").apply(quantized)
 
 
 def test_asymmetric_schemes_keep_f32_activations(tiny_llama):
@@ -83,8 +92,13 @@ def test_the_artifact_computes_the_interpreters_w4a8_model(int8_artifact):
     pos = np.arange(len(IDS), dtype=np.int32)
     want = run_module(module, "logits", {"ids": IDS[None], "pos": pos})["logits"][0]
     np.testing.assert_allclose(model.forward_logits(IDS), want, atol=2e-5 * np.abs(want).max(), rtol=0)
-    logits, _ = model.prefill(IDS)
+    logits, cache = model.prefill(IDS)
     np.testing.assert_allclose(logits, want[-1], atol=2e-5 * np.abs(want).max(), rtol=0)
+    # decode (its W4A8 GEMVs) continues as the interpreter's logits over the longer prompt do
+    longer = np.append(IDS, np.int32(11))
+    want_next = run_module(module, "logits", {"ids": longer[None], "pos": np.arange(len(longer), dtype=np.int32)})
+    step, _ = model.decode(11, cache)
+    np.testing.assert_allclose(step, want_next["logits"][0, -1], atol=2e-5 * np.abs(want).max(), rtol=0)
     assert "linear_w4a8" in (out / "model.ir").read_text()
 
 
