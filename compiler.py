@@ -34,7 +34,7 @@ class BuildOptions:
     lowrank: str | None = None  # "METHOD:RATIO[:ALLOCATION]" (svd:0.2, asvd:0.2): factorize, then quantize
     dtype: str = "fp32"  # "fp16": weights, activations and KV cache in f16 (half-precision, last pass)
     weight_storage: str = "auto"  # "auto": mostly-one-value (pruned) weights stored compactly; "plain": as is
-    activations: str = "f32"  # "int8": prefill's 4-bit linears take int8 activations (int8-activations, W4A8)
+    activations: str = "f32"  # "int8": the 4-bit linears take int8 activations (int8-activations, W4A8)
 
     def to_json(self) -> dict:
         return asdict(self)
