@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import platform
 import sys
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -27,10 +26,9 @@ from ._tvm import import_tvm
 from .cuda_device import cuda_device
 from .metal_device import metal_device
 from .errors import ArtifactError
-from . import weight_encoding
-from .manifest import Manifest, WeightInfo, read_manifest, resolve, verify
+from .artifact_weights import read_weights
+from .manifest import Manifest, read_manifest, resolve, verify
 from .rocm_device import rocm_device
-from .safetensors_reader import read_tensors
 from .tokenizer import Tokenizer
 
 _ENTRY_POINTS = ("prefill", "decode", "logits")
@@ -330,46 +328,8 @@ def _check_host_cpu(tvm: Any, tvm_target: dict[str, Any], artifact_dir: Path) ->
 
 
 def _load_weights(tvm: Any, artifact_dir: Path, manifest: Manifest, dev: Any) -> list[Any]:
-    """Read every weight from its shard (decoding an encoded one) into a device tensor; return them
-    in manifest order."""
-    by_file: dict[str, list[int]] = defaultdict(list)
-    for i, w in enumerate(manifest.weights):
-        by_file[w.file].append(i)
+    """Read every weight (decoding an encoded one) into a device tensor; return them in manifest order."""
     tensors: list[Any] = [None] * len(manifest.weights)
-    for file, indices in by_file.items():
-        path = resolve(artifact_dir, file)
-        try:
-            stored = read_tensors(path, [part for i in indices for part in _stored_names(manifest.weights[i])])
-            for i in indices:
-                w = manifest.weights[i]
-                array = _read_weight(w, stored, path)
-                if tuple(array.shape) != w.shape or str(array.dtype) != w.dtype:
-                    raise ArtifactError(
-                        f"{path}: tensor {w.name} is {array.dtype}{list(array.shape)}, "
-                        f"the manifest says {w.dtype}{list(w.shape)}",
-                        hint="rebuild the artifact",
-                        path=path,
-                    )
-                tensors[i] = tvm.runtime.tensor(array, dev)
-                del array
-        except KeyError as missing:
-            raise ArtifactError(f"{path} has no tensor {missing}", hint="rebuild the artifact", path=path) from None
-        except (ValueError, OSError) as err:
-            raise ArtifactError(f"{path}: {err}", hint="rebuild the artifact", path=path) from None
+    for i, array in read_weights(artifact_dir, manifest):
+        tensors[i] = tvm.runtime.tensor(array, dev)
     return tensors
-
-
-def _stored_names(weight: WeightInfo) -> list[str]:
-    """The shard tensors that hold `weight`: itself, or its encoding's mask and values."""
-    return [weight.encoding.mask, weight.encoding.values] if weight.encoding else [weight.name]
-
-
-def _read_weight(weight: WeightInfo, stored: Iterator[tuple[str, np.ndarray]], path: Path) -> np.ndarray:
-    """`weight`'s array from the next tensors of `stored` (decoded when the manifest says so)."""
-    if weight.encoding is None:
-        return next(stored)[1]
-    (_, mask), (_, values) = next(stored), next(stored)
-    try:
-        return weight_encoding.decode(weight.encoding, mask, values, weight.shape, weight.dtype)
-    except ValueError as err:
-        raise ValueError(f"encoded tensor {weight.name}: {err}") from None

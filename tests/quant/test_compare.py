@@ -162,11 +162,11 @@ def mixed(tiny_llama, text, tmp_path_factory):
 
 
 def test_pruned_and_factorized_variants_get_rows(mixed, tiny_llama):
-    from safetensors.numpy import load_file
-
     from llmopt.compare import parse_variant
     from llmopt.compiler import BuildOptions, load as trace, optimize
     from llmopt.ir.parameters import logical_parameters
+    from llmopt.runtime.artifact_weights import read_weights
+    from llmopt.runtime.manifest import read_manifest
     out, data = mixed
     rows = {row["spec"]: row for row in data["rows"]}
     assert list(rows) == ["fp32", *MIXED.split(",")]
@@ -183,8 +183,11 @@ def test_pruned_and_factorized_variants_get_rows(mixed, tiny_llama):
     half = rows["dtype=fp16"]["weight_bytes"] / rows["fp32"]["weight_bytes"]  # f16 matrices, f32 norm weights
     assert 0.5 < half < 0.52 and rows["dtype=fp16"]["parameters"] == dense
     assert rows["dtype=fp16"]["kl_mean"] < 1e-5 < rows["prune=magnitude:0.5"]["kl_mean"]
-    shards = [load_file(p) for p in (out / "artifacts" / "prune_magnitude_0.5" / "weights").iterdir()]
-    projections = [a for shard in shards for name, a in shard.items() if "layers" in name and "norm" not in name]
+    artifact = out / "artifacts" / "prune_magnitude_0.5"
+    manifest = read_manifest(artifact)
+    projections = [a for i, a in read_weights(artifact, manifest)  # decoded: pruned weights are stored encoded
+                   if "layers" in manifest.weights[i].name and "norm" not in manifest.weights[i].name]
+    assert any(w.encoding for w in manifest.weights)
     zeros = sum(int((a == 0).sum()) for a in projections) / sum(a.size for a in projections)
     assert 0.45 < zeros < 0.55  # half of every layer's linear weights, in the stored (blocked) layout
     markdown = (out / "compare.md").read_text()
