@@ -15,6 +15,7 @@ _STORAGE = {  # op -> positions of the inputs that store one weight (codes first
     "dequantize": ((0, 1, 2), lambda node, types: node.type.shape),
     "densify": ((0, 1), lambda node, types: node.type.shape),  # N:M-sparse values and indices
     "linear_w8a8": ((1, 2), lambda node, types: (node.type.shape[-1], types[node.inputs[0]].shape[-1])),
+    "linear_w4a8": ((1, 2), lambda node, types: (node.type.shape[-1], types[node.inputs[0]].shape[-1])),
 }
 
 

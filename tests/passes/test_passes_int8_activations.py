@@ -11,6 +11,7 @@ from llmopt.compiler import BuildOptions, build, load, optimize
 from llmopt.compare import parse_variant
 from llmopt.errors import LLMOptError
 from llmopt.ir.interp import run_module
+from llmopt.ir.parameters import logical_parameters
 from llmopt.ir.ops import OpError, linear_w4a8_reference, w4a8_scheme
 from llmopt.ir.quant_schemes import get_scheme
 from llmopt.runtime import load as load_artifact
@@ -61,6 +62,7 @@ def test_the_rewrite_touches_every_quantized_linear(tiny_llama):
         assert _ops(int8, function).count("dequantize") == 0  # dce removed the ones nothing reads
     node = next(n for n in int8.functions["prefill"].nodes if n.op == "linear_w4a8")
     assert node.attr["scheme"] == "w4g32" and node.created_by == "int8-activations"
+    assert logical_parameters(int8) == logical_parameters(plain)  # the codes still stand for [N, K] weights
 
 
 def test_the_functions_option_limits_the_rewrite(tiny_llama):
