@@ -115,6 +115,14 @@ def supports(scheme: Scheme, out_features: int, in_features: int, target: tvm.ta
     return scheme.bits == 4 and bool(tvm.target.codegen.target_has_features("avx512f", target))
 
 
+def group_runs(k: int, group: int, unit: int = 1) -> tuple[tuple[int, int, int], ...]:
+    """(first group, groups, ``unit``s per group) of a row of ``k`` features in groups of ``group``:
+    the full groups, then a short last group; the loops over groups run once per entry, with the
+    same body. ``unit``: features per counted item (e.g. codes per u32 word)."""
+    full, tail = k // group, k % group // unit
+    return tuple(run for run in ((0, full, group // unit), (full, 1, tail)) if run[1] and run[2])
+
+
 @dataclass(frozen=True)
 class QuantShape:
     """Everything a kernel is specialized on (hashable: kernels are built once per shape)."""
@@ -153,10 +161,8 @@ class QuantShape:
 
     @property
     def group_runs(self) -> tuple[tuple[int, int, int], ...]:
-        """(first group, groups, words per group) of the full groups, then of a short last group:
-        the loops over groups run once per entry, with the same body."""
-        full, tail_words = self.k // self.group, self.k % self.group // self.per_word
-        return tuple(run for run in ((0, full, self.words_per_group), (full, 1, tail_words)) if run[1] and run[2])
+        """(first group, groups, words per group): ``group_runs`` in u32 words."""
+        return group_runs(self.k, self.group, self.per_word)
 
     @property
     def nblocks(self) -> int:

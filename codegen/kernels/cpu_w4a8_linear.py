@@ -98,7 +98,7 @@ from ...ir.ops import W4A8_CHUNK, W4A8_GROUPS, W4A8_OFFSET, linear_w4a8_referenc
 from ...ir.quant_schemes import Scheme
 from .cpu_int8_linear import LANES, VNNI, has_vnni
 from .cpu_linear import BLOCK_N, _kernel_attrs, _product, _static_or_symbolic_shape, _target_threads
-from .cpu_quant_linear import _blocked
+from .cpu_quant_linear import _blocked, group_runs
 
 GROUPS = W4A8_GROUPS
 """Input features per scale the kernel supports (each a whole number of 32-feature chunks)."""
@@ -181,10 +181,8 @@ class W4A8Shape:
 
     @property
     def group_runs(self) -> tuple[tuple[int, int, int], ...]:
-        """(first group, groups, features per group) of the full groups, then of a short last group:
-        the loops over groups run once per entry, with the same body."""
-        full, tail = self.k // self.group, self.k % self.group
-        return tuple(run for run in ((0, full, self.group), (full, 1, tail)) if run[1] and run[2])
+        """(first group, groups, features per group): cpu_quant_linear's ``group_runs`` in features."""
+        return group_runs(self.k, self.group)
 
     @property
     def nblocks(self) -> int:
