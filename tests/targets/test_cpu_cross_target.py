@@ -102,13 +102,15 @@ def test_kernels_pick_the_aarch64_blocking():
     assert not tvm.target.codegen.target_has_features("avx512f", arm)
 
 
-@pytest.mark.parametrize("quant, prune", [(q, None) for q in VARIANTS] + [(None, "magnitude:2:4")],
+@pytest.mark.parametrize("quant, prune, activations",
+                         [(q, None, "f32") for q in VARIANTS] + [(None, "magnitude:2:4", "f32"), ("w4g32", None, "int8")],
                          ids=lambda v: v or "-")
-def test_the_aarch64_graph_computes_the_model(quant, prune, tiny_llama, monkeypatch):
+def test_the_aarch64_graph_computes_the_model(quant, prune, activations, tiny_llama, monkeypatch):
     """The Relax graph the aarch64 build compiles (its kernels chosen under the cortex-a76 target),
     compiled for this machine instead, matches the IR interpreter: prefill (GEMM kernels) and a
     decode step (GEMV kernels). With 2:4 pruning the compact weights (compact-sparse) are densified
-    for the NEON kernels (the sparse kernels are AVX-512's)."""
+    for the NEON kernels (the sparse kernels are AVX-512's); with int8 activations the W4A8 kernels
+    run without VNNI (portable int32 dot products)."""
     chosen = []  # the blocking of every linear kernel the graph asked for
     for module_, name, key in ((cpu_linear, "make_gemm", "rows"), (cpu_linear, "make_gemv", "split"),
                                (cpu_quant_linear, "make_quant_gemm", 2), (cpu_quant_linear, "make_quant_gemv", 1)):
@@ -129,7 +131,9 @@ def test_the_aarch64_graph_computes_the_model(quant, prune, tiny_llama, monkeypa
 
     monkeypatch.setattr(tvm, "compile", compile_here)
     spec = dataclasses.replace(get_target("cpu"), check_toolchain=None, package_library=None)
-    module = optimize(load_hf_folder(tiny_llama), BuildOptions(quant=quant, prune=prune))
+    module = optimize(load_hf_folder(tiny_llama), BuildOptions(quant=quant, prune=prune, activations=activations))
+    if activations == "int8":
+        assert any(node.op == "linear_w4a8" for node in module.functions["decode"].nodes)
     if prune:  # the 2:4 weights are stored compactly, read through densify
         assert any(node.op == "densify" for node in module.functions["decode"].nodes)
     library = compile_module(module, spec, ARCH)
@@ -138,7 +142,8 @@ def test_the_aarch64_graph_computes_the_model(quant, prune, tiny_llama, monkeypa
     expected = {"make_gemm": NEON.gemm_rows, "make_gemv": NEON.gemv_split,
                 "make_quant_gemm": NEON.gemm_rows, "make_quant_gemv": NEON.quant_partial_sums}
     kinds = {name for name, _ in chosen}
-    assert kinds >= ({"make_quant_gemm", "make_quant_gemv"} if quant else {"make_gemm", "make_gemv"})
+    assert kinds >= ({"make_quant_gemm", "make_quant_gemv"} if quant and activations == "f32"
+                     else {"make_gemm", "make_gemv"})  # (W4A8: the float LM head's)
     assert all(value == expected[name] for name, value in chosen), chosen
 
     vm = tvm.relax.VirtualMachine(library.executable, tvm.cpu())
