@@ -1,5 +1,5 @@
 """How ``linear_w8a8`` (int8 activations x int8 weights) and ``linear_w4a8`` (int8 activations x
-symmetric 4-bit weights, ir/ops.py) become Relax.
+symmetric 4-bit weights, ir/int8_ops.py) become Relax.
 
 LLVM (CPU) targets get the hand-scheduled kernels of kernels/cpu_int8_linear.py and
 kernels/cpu_w4a8_linear.py (VNNI where the CPU has it; W4A8 for groups of 32, 64 or 128). Other targets get :func:`w8a8_linear_te`, the op's definition as TE computes (per-row
@@ -12,14 +12,14 @@ from __future__ import annotations
 import tvm
 from tvm import relax, te, tirx
 
-from ..ir.ops import w4a8_scheme
+from ..ir.int8_ops import w4a8_scheme
 from .kernels.cpu_int8_linear import emit_w8a8_linear
 from .kernels.cpu_w4a8_linear import emit_w4a8_linear, supports_w4a8
 from .lower_ops import lowers
 
 
 def _quantized_rows(x: te.Tensor) -> tuple[te.Tensor, te.Tensor]:
-    """int32 codes ``[M, K]`` and f32 scales ``[M]`` of ``ir.ops.quantize_rows_int8``."""
+    """int32 codes ``[M, K]`` and f32 scales ``[M]`` of ``ir.int8_ops.quantize_rows_int8``."""
     m, k = x.shape
     r = te.reduce_axis((0, k), name="r")
     amax = te.compute((m,), lambda i: te.max(tirx.abs(x[i, r]), axis=r), name="row_amax")

@@ -3,7 +3,7 @@
 ``kv_write`` writes the new rows into the cache buffer in place (``call_tir_inplace``: the decode
 step costs one row, not a copy of the cache). The int8-rows ops (``row_scale_i8``,
 ``quantize_rows_i8``, ``dequantize_rows_i8``) of ``quantize-kv-cache`` are small TE computes that
-match the numpy semantics in ``ir/ops.py`` exactly: the scale is ``max |x| / 127`` (1 for a zero
+match the numpy semantics in ``ir/int8_ops.py`` exactly: the scale is ``max |x| / 127`` (1 for a zero
 row) and codes round half to even (``nearbyint``; Relax's ``round`` rounds half away from zero).
 """
 
@@ -14,7 +14,7 @@ from functools import cache
 from tvm import relax, te, tirx
 from tvm.script import tirx as T
 
-from ..ir.ops import I8_MAX
+from ..ir.int8_ops import I8_MAX
 from .lower_ops import lowers
 
 

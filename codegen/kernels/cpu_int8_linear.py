@@ -1,4 +1,4 @@
-"""Hand-scheduled CPU kernels for ``linear_w8a8``: int8 activations x int8 weights -> int32 (ir/ops.py).
+"""Hand-scheduled CPU kernels for ``linear_w8a8``: int8 activations x int8 weights -> int32 (ir/int8_ops.py).
 
 One kernel per linear: it quantizes x per row, then multiplies in int8 with int32 accumulators.
 

@@ -1,7 +1,7 @@
 """CPU kernels for 4-bit weights with int8 activations ("W4A8") on AVX-512 VNNI ``vpdpbusd``: a GEMM
 (prefill) and a GEMV (decode, M == 1).
 
-The CPU kernel of the ``linear_w4a8`` op (ir/ops.py; codegen/lower_int8.py selects it): ``y = x @ W^T`` for a symmetric 4-bit weight
+The CPU kernel of the ``linear_w4a8`` op (ir/int8_ops.py; codegen/lower_int8.py selects it): ``y = x @ W^T`` for a symmetric 4-bit weight
 scheme with groups of 32, 64 or 128 input features (``w4g32``, ``w4g64``, ``w4g128``;
 ir/quant_schemes.py: code ``c`` in 0..15 is the level ``c - 8``), with x quantized to int8 on the fly
 in the weight's groups, so each group's dot products run in int8 x u4 with int32 sums.
@@ -13,7 +13,7 @@ the IR stores them) and the scales ``sw`` f32 ``[N, ceil(K/group)]``. ``K`` is a
 in the schemes, the last group is short when ``group`` does not divide ``K`` (SmolLM2's ``K = 576``
 in ``w4g128``: 4 groups of 128, then one of 64), and the activations are grouped the same way.
 
-1. x is quantized per (row ``m``, group ``g``) with :func:`ir.ops.quantize_rows_int8` applied to each
+1. x is quantized per (row ``m``, group ``g``) with :func:`ir.int8_ops.quantize_rows_int8` applied to each
    group: ``sx[m, g] = max|x[m, g-block]| / 127`` (1 if all zero), ``xq = clip(nearbyint(x / sx),
    -127, 127)`` as int8 (round half to even; the division is an f32 division).
 2. ``isum[m, n, g] = sum_{k in g} xq[m, k] * (c[n, k] - 8)``, exact in int32.
@@ -94,7 +94,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from ...errors import LLMOptError
-from ...ir.ops import W4A8_CHUNK, W4A8_GROUPS, W4A8_OFFSET, linear_w4a8_reference, quantize_groups_int8
+from ...ir.int8_ops import W4A8_CHUNK, W4A8_GROUPS, W4A8_OFFSET, linear_w4a8_reference, quantize_groups_int8
 from ...ir.quant_schemes import Scheme
 from .cpu_int8_linear import LANES, VNNI, has_vnni
 from .cpu_linear import BLOCK_N, _kernel_attrs, _product, _static_or_symbolic_shape, _target_threads
@@ -136,12 +136,12 @@ OFFSET = W4A8_OFFSET
 
 def quantize_activations(x: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
     """x f32 ``[M, K]`` quantized per (row, group of ``group`` features; the last one may be short):
-    int8 codes ``[M, K]`` and scales f32 ``[M, ceil(K/group)]`` (``ir.ops.quantize_groups_int8``)."""
+    int8 codes ``[M, K]`` and scales f32 ``[M, ceil(K/group)]`` (``ir.int8_ops.quantize_groups_int8``)."""
     return quantize_groups_int8(x, group)
 
 
 def w4a8_reference(x: np.ndarray, packed: np.ndarray, scales: np.ndarray, group: int) -> np.ndarray:
-    """What the kernel computes, the ``linear_w4a8`` op's reference (``ir.ops.linear_w4a8_reference``)
+    """What the kernel computes, the ``linear_w4a8`` op's reference (``ir.int8_ops.linear_w4a8_reference``)
     for the ``w4g<group>`` scheme: x f32 ``[M, K]``, ``packed`` u32 ``[N, K/8]``, ``scales`` f32
     ``[N, ceil(K/group)]`` -> y f32 ``[M, N]``."""
     return linear_w4a8_reference(x, packed, scales, f"w4g{group}")

@@ -1,10 +1,10 @@
 """``int8-activations``: linears on symmetric 4-bit weights multiply int8 activations (W4A8).
 
 Each ``linear(x, dequantize(packed, scales; scheme)[, bias])`` whose scheme is symmetric integer
-4-bit codes in groups of 32, 64 or 128 (``w4g32``, ``w4g64``, ``w4g128``; ir/ops.py ``w4a8_scheme``) becomes
+4-bit codes in groups of 32, 64 or 128 (``w4g32``, ``w4g64``, ``w4g128``; ir/int8_ops.py ``w4a8_scheme``) becomes
 ``linear_w4a8(x, packed, scales[, bias]; scheme)``: x is quantized to int8 per (token, weight group)
 at run time (``max|x| / 127`` per group, round half to even), each group's dot products are exact
-int32 sums and the groups are combined in f32 (ir/ops.py ``linear_w4a8_reference`` states it to the
+int32 sums and the groups are combined in f32 (ir/int8_ops.py ``linear_w4a8_reference`` states it to the
 rounding). On CPUs with AVX-512 VNNI the group sums are ``vpdpbusd`` instructions
 (codegen/kernels/cpu_w4a8_linear.py), 2.5-3.7x the f32-activation GEMM on SmolLM2's prefill shapes;
 the price is the activations' rounding (about 1% more output error per linear on SmolLM2, on top of
@@ -30,7 +30,8 @@ from dataclasses import dataclass
 
 from ...errors import LLMOptError
 from ...ir.graph import Builder, Function, Module, Node
-from ...ir.ops import OpError, w4a8_scheme
+from ...ir.int8_ops import w4a8_scheme
+from ...ir.ops import OpError
 from ..base import Pass, PassResult, map_functions
 from ..rewrite import rebuild, renamed
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from ...errors import LLMOptError
 from ...ir.graph import Function, Module
-from ...ir.ops import W8A8_WEIGHT_SCHEME
+from ...ir.int8_ops import W8A8_WEIGHT_SCHEME
 from ...ir.quant_schemes import get_scheme
 from ..base import PassResult
 from .calibrated import Calibrated, CalibratedQuantization, memory_stats

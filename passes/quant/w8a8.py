@@ -2,7 +2,7 @@
 
 ``w8a8_linears(module, weights, pass_name)`` replaces each ``linear`` that reads one of the stored
 f32 ``[N, K]`` weights named in ``weights`` with ``linear_w8a8(x, packed, scales[, bias])``
-(ir/ops.py: ``x`` is quantized per token at run time, int32 accumulation), where ``packed`` and
+(ir/int8_ops.py: ``x`` is quantized per token at run time, int32 accumulation), where ``packed`` and
 ``scales`` are the weight's round-to-nearest codes of the ``w8`` scheme (symmetric int8 per output
 channel), registered as the derived weights ``<w>.w8.packed`` / ``<w>.w8.scales``
 (``DerivedWeights`` in rewrite.py: computed when loaded, one set per weight). The float weight
@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import Counter
 
 from ...ir.graph import Builder, Function, Module, Node
-from ...ir.ops import W8A8_WEIGHT_SCHEME
+from ...ir.int8_ops import W8A8_WEIGHT_SCHEME
 from ...ir.quant_schemes import get_scheme
 from ..base import PassResult, map_functions
 from ..rewrite import rebuild, renamed

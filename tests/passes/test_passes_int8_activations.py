@@ -12,7 +12,8 @@ from llmopt.compare import parse_variant
 from llmopt.errors import LLMOptError
 from llmopt.ir.interp import run_module
 from llmopt.ir.parameters import logical_parameters
-from llmopt.ir.ops import OpError, linear_w4a8_reference, w4a8_scheme
+from llmopt.ir.int8_ops import linear_w4a8_reference, w4a8_scheme
+from llmopt.ir.ops import OpError
 from llmopt.ir.quant_schemes import get_scheme
 from llmopt.runtime import load as load_artifact
 

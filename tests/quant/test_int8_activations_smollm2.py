@@ -26,7 +26,7 @@ from llmopt.compiler import BuildOptions, build, optimize
 from llmopt.frontend.hf_folder import load_hf_folder
 from llmopt.frontend.zoo import smollm2_hf_folder
 from llmopt.ir.graph import Module
-from llmopt.ir.ops import linear_w4a8_reference
+from llmopt.ir.int8_ops import linear_w4a8_reference
 from llmopt.runtime import generate, load
 from llmopt.targets import get_target
 
