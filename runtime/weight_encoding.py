@@ -108,15 +108,14 @@ def encode(name: str, array: np.ndarray, min_saving: float = MIN_SAVING,
     for unit_bits in _candidates(array.dtype):
         units = _units(raw, unit_bits)
         fill = _fill(units, unit_bits)
-        kept = int(np.count_nonzero(units != fill))
-        size = encoded_bytes(units.size, kept, unit_bits)
+        where = units != fill
+        size = encoded_bytes(units.size, int(np.count_nonzero(where)), unit_bits)
         if size <= array.nbytes * (1 - min_saving) and (best is None or size < best[0]):
-            best = (size, unit_bits, fill, kept)
+            best = (size, unit_bits, fill, units, where)
     if best is None:
         return None
-    _, unit_bits, fill, kept = best
-    units = _units(raw, unit_bits)
-    where = units != fill
+    _, unit_bits, fill, units, where = best
+    kept = int(np.count_nonzero(where))
     encoding = WeightEncoding(KIND, unit_bits, fill, int(units.size), kept,
                               name + MASK_SUFFIX, name + VALUES_SUFFIX)
     return encoding, np.packbits(where, bitorder="little"), _pack_units(units[where], unit_bits)
