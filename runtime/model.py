@@ -82,6 +82,12 @@ class CompiledModel:
         self._decode = vm["decode"]
         self._logits = vm["logits"]
         self._weights = weights
+        self._cache_tensors = len(manifest.kv_cache.names())
+        # decode's inputs besides the cache: host arrays and device tensors reused every step
+        self._step_ids = np.zeros((1, 1), dtype=np.int32)
+        self._step_pos = np.zeros((1,), dtype=np.int32)
+        self._step_ids_tensor = tvm.runtime.tensor(self._step_ids, self._dev)
+        self._step_pos_tensor = tvm.runtime.tensor(self._step_pos, self._dev)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -103,24 +109,35 @@ class CompiledModel:
         return out[0].numpy()[0, -1], self._buffers(rows.tensors, n, n + MIN_CAPACITY)
 
     def decode(self, token_id: int, cache: KVCache) -> tuple[np.ndarray, KVCache]:
-        """Run one token after `cache`: logits [vocab] and the cache one row longer."""
-        names = self.manifest.kv_cache.names()
-        if not isinstance(cache, KVCache) or len(cache.tensors) != len(names):
+        """Run one token after `cache`: logits [vocab] and the cache one row longer.
+
+        The library writes the new row into the cache buffers in place, so the returned cache holds
+        the same buffers (the library's returned ones are not looked up: a step's Python work is
+        kept to the ids, the position and the logits).
+        """
+        if not isinstance(cache, KVCache) or len(cache.tensors) != self._cache_tensors:
+            names = self.manifest.kv_cache.names()
             got = f"{len(cache.tensors)} tensors" if isinstance(cache, KVCache) else type(cache).__name__
             raise ValueError(
                 f"cache has {got}, this model needs {len(names)} ({', '.join(names[:4])}"
                 f"{', ...' if len(names) > 4 else ''}): pass a cache returned by this model"
             )
-        ids = self._check_ids([token_id])
+        self._step_ids[0, 0] = self._check_token(token_id)
         if cache.length >= cache.capacity:  # full: double the buffers
             cache = self._buffers(cache.tensors, cache.length, 2 * max(cache.capacity, MIN_CAPACITY // 2))
-        out = self._decode(
-            self._tensor(ids.reshape(1, 1)),
-            self._tensor(np.array([cache.length], dtype=np.int32)),
-            *cache.tensors,
-            *self._weights,
-        )
-        return out[0].numpy()[0, 0], self._cache(out, cache.length + 1)
+        self._step_pos[0] = cache.length
+        self._step_ids_tensor.copyfrom(self._step_ids)
+        self._step_pos_tensor.copyfrom(self._step_pos)
+        out = self._decode(self._step_ids_tensor, self._step_pos_tensor, *cache.tensors, *self._weights)
+        return out[0].numpy()[0, 0], KVCache(cache.tensors, cache.length + 1)
+
+    def _check_token(self, token_id: Any) -> int:
+        """`token_id` as an int in the vocabulary, or ValueError (the one-token case of _check_ids)."""
+        if isinstance(token_id, (int, np.integer)) and not isinstance(token_id, bool):
+            vocab = self.vocab_size
+            if 0 <= token_id and (vocab is None or token_id < vocab):
+                return int(token_id)
+        return int(self._check_ids([token_id])[0])
 
     def _buffers(self, tensors: tuple[Any, ...], length: int, capacity: int) -> KVCache:
         """A cache of zeroed `capacity`-row buffers holding the first `length` rows of `tensors`."""

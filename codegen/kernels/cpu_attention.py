@@ -110,16 +110,16 @@ _MAX_HALVINGS = 7  # head_dim up to 128 folds down to one lane
 
 
 def _fold_half(width: int):
-    """prod[:width] += prod[width:2 * width], as one vector add."""
+    """prod[row, :width] += prod[row, width:2 * width], as one vector add."""
     @T.macro
-    def fold(prod):
+    def fold(prod, row):
         for d in T.vectorized(width):
-            prod[d] = prod[d] + prod[d + width]
+            prod[row, d] = prod[row, d] + prod[row, d + width]
     return fold
 
 
 @T.macro
-def _nothing(prod):
+def _nothing(prod, row):
     T.evaluate(0)
 
 
@@ -128,11 +128,16 @@ def make_decode_attention(heads: int, kv_heads: int, head_dim: int, scale: float
                           positions: bool = False) -> tirx.PrimFunc:
     """The one-query case (decode): keys are read in the cache's own layout, no transpose.
 
-    Per head, keys go in tiles of ``DECODE_KEY_TILE``: first the tile's scores, each a dot product
-    over ``head_dim`` (vector multiply, then halving vector adds down to one lane, or to an odd
-    width summed serially) that depends on no other key, so the CPU overlaps them; then the tile's
-    max, its probabilities as one vector of exps, one rescale of the running sum and output (the
-    online softmax, per tile rather than per key), and the weighted sum of the tile's values.
+    KV heads run in parallel. Each walks its keys once, in tiles of ``DECODE_KEY_TILE``, for all
+    its query heads together, so each key and value is read once, not once per query head (on
+    SmolLM2's shape, 9 query heads on 3 KV heads: 5.7-6.8 us hot, 31-44 us with the cache cold in
+    memory, against 7.6 and 49 us for one query head at a time; all KV heads in one walk, reading
+    whole cache rows, spills its registers and runs 7x slower). Per key and
+    query head the score is a dot product over ``head_dim`` (vector multiply, then halving vector
+    adds down to one lane, or to an odd width summed serially) that depends on no other, so the
+    CPU overlaps them; per tile and query head, the tile's max, its probabilities as one vector of
+    exps, one rescale of the running sum and output (the online softmax, per tile rather than per
+    key), then the weighted sum of the tile's values, again row by row.
     Only the live keys are read: the single query sees every key (``positions``: the keys
     ``0 .. pos[0]`` of a cache buffer with more rows, the later rows never read), so there is no
     mask beyond the last tile's padding, whose scores are -inf (probability 0).
@@ -147,48 +152,56 @@ def make_decode_attention(heads: int, kv_heads: int, head_dim: int, scale: float
     fold0, fold1, fold2, fold3, fold4, fold5, fold6 = halvings
 
     @T.macro
-    def head_attention(q, k, v, o, h, t):
-        acc = T.alloc_buffer((dim,), "float32", scope="global")
-        prod = T.alloc_buffer((dim,), "float32", scope="global")
-        score = T.alloc_buffer((tile,), "float32", scope="global")
-        stats = T.alloc_buffer((4,), "float32", scope="global")  # max, sum, previous max, rescale
-        for d in T.vectorized(dim):
-            acc[d] = T.float32(0)
-        stats[0] = T.float32(_NEG_INF)
-        stats[1] = T.float32(0)
-        for jt in range(T.ceildiv(t, tile)):
-            for jj in T.vectorized(tile):
-                score[jj] = T.float32(_NEG_INF)
-            for jj in range(T.min(tile, t - jt * tile)):
-                for d in T.vectorized(dim):
-                    prod[d] = q[0, 0, h, d] * k[0, jt * tile + jj, h // group, d]
-                fold0(prod)
-                fold1(prod)
-                fold2(prod)
-                fold3(prod)
-                fold4(prod)
-                fold5(prod)
-                fold6(prod)
-                score[jj] = prod[0]
-                for d in range(1, width):
-                    score[jj] = score[jj] + prod[d]
-                score[jj] = score[jj] * T.float32(scale)
-            stats[2] = stats[0]
-            for jj in range(tile):
-                stats[0] = T.max(stats[0], score[jj])
-            for jj in T.vectorized(tile):
-                score[jj] = fast_exp(score[jj] - stats[0])
-            stats[3] = fast_exp(stats[2] - stats[0])
-            stats[1] = stats[1] * stats[3]
-            for jj in range(tile):
-                stats[1] = stats[1] + score[jj]
+    def kv_head_attention(q, k, v, o, g, t):
+        acc = T.alloc_buffer((group, dim), "float32", scope="global")
+        prod = T.alloc_buffer((group, dim), "float32", scope="global")
+        score = T.alloc_buffer((group, tile), "float32", scope="global")
+        stats = T.alloc_buffer((group, 4), "float32", scope="global")  # max, sum, previous max, rescale
+        for hh in range(group):
             for d in T.vectorized(dim):
-                acc[d] = acc[d] * stats[3]
+                acc[hh, d] = T.float32(0)
+            stats[hh, 0] = T.float32(_NEG_INF)
+            stats[hh, 1] = T.float32(0)
+        for jt in range(T.ceildiv(t, tile)):
+            for hh in range(group):
+                for jj in T.vectorized(tile):
+                    score[hh, jj] = T.float32(_NEG_INF)
             for jj in range(T.min(tile, t - jt * tile)):
+                for hh in T.unroll(group):
+                    for d in T.vectorized(dim):
+                        prod[hh, d] = q[0, 0, g * group + hh, d] * k[
+                            0, jt * tile + jj, g, d]
+                    fold0(prod, hh)
+                    fold1(prod, hh)
+                    fold2(prod, hh)
+                    fold3(prod, hh)
+                    fold4(prod, hh)
+                    fold5(prod, hh)
+                    fold6(prod, hh)
+                    score[hh, jj] = prod[hh, 0]
+                    for d in range(1, width):
+                        score[hh, jj] = score[hh, jj] + prod[hh, d]
+                    score[hh, jj] = score[hh, jj] * T.float32(scale)
+            for hh in range(group):
+                stats[hh, 2] = stats[hh, 0]
+                for jj in range(tile):
+                    stats[hh, 0] = T.max(stats[hh, 0], score[hh, jj])
+                for jj in T.vectorized(tile):
+                    score[hh, jj] = fast_exp(score[hh, jj] - stats[hh, 0])
+                stats[hh, 3] = fast_exp(stats[hh, 2] - stats[hh, 0])
+                stats[hh, 1] = stats[hh, 1] * stats[hh, 3]
+                for jj in range(tile):
+                    stats[hh, 1] = stats[hh, 1] + score[hh, jj]
                 for d in T.vectorized(dim):
-                    acc[d] = acc[d] + score[jj] * v[0, jt * tile + jj, h // group, d]
-        for d in T.vectorized(dim):
-            o[0, 0, h, d] = acc[d] / stats[1]
+                    acc[hh, d] = acc[hh, d] * stats[hh, 3]
+            for jj in range(T.min(tile, t - jt * tile)):
+                for hh in T.unroll(group):
+                    for d in T.vectorized(dim):
+                        acc[hh, d] = acc[hh, d] + score[hh, jj] * v[
+                            0, jt * tile + jj, g, d]
+        for hh in range(group):
+            for d in T.vectorized(dim):
+                o[0, 0, g * group + hh, d] = acc[hh, d] / stats[hh, 1]
 
     @T.prim_func(private=True)
     def decode_attention(q: T.Buffer((1, 1, heads, dim), "float32"), var_k: T.handle, var_v: T.handle,
@@ -197,8 +210,8 @@ def make_decode_attention(heads: int, kv_heads: int, head_dim: int, scale: float
         t = T.int64()
         k = T.match_buffer(var_k, (1, t, kv_heads, dim), "float32")
         v = T.match_buffer(var_v, (1, t, kv_heads, dim), "float32")
-        for h in T.parallel(heads):
-            head_attention(q, k, v, o, h, t)
+        for g in T.parallel(kv_heads):
+            kv_head_attention(q, k, v, o, g, t)
 
     @T.prim_func(private=True)
     def decode_attention_at(q: T.Buffer((1, 1, heads, dim), "float32"), var_k: T.handle, var_v: T.handle,
@@ -207,8 +220,8 @@ def make_decode_attention(heads: int, kv_heads: int, head_dim: int, scale: float
         capacity = T.int64()
         k = T.match_buffer(var_k, (1, capacity, kv_heads, dim), "float32")
         v = T.match_buffer(var_v, (1, capacity, kv_heads, dim), "float32")
-        for h in T.parallel(heads):
-            head_attention(q, k, v, o, h, T.min(T.Cast("int64", pos[0]) + 1, capacity))
+        for g in T.parallel(kv_heads):
+            kv_head_attention(q, k, v, o, g, T.min(T.Cast("int64", pos[0]) + 1, capacity))
 
     return decode_attention_at if positions else decode_attention
 

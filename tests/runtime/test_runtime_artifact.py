@@ -54,6 +54,25 @@ def test_load_runs_prefill_and_decode(toy_model):
     step, _ = toy_model.decode(7, cache)
     expected = toy_reference_logits([1, 5, 9, 3, 7])[-1]
     np.testing.assert_allclose(step, expected, rtol=1e-5, atol=1e-5)
+    step, _ = toy_model.decode(np.int64(7), cache)  # numpy ints are token ids too
+    np.testing.assert_allclose(step, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="token ids must lie in"):
+        toy_model.decode(10**6, cache)
+
+
+def test_library_decode_writes_the_cache_in_place(toy_model):
+    """The runtime keeps its own cache buffers after a step: the library must return those same
+    buffers, with row ``pos`` written (the contract in runtime/model.py)."""
+    _, cache = toy_model.prefill(np.array([1, 5, 9, 3]))
+    before = [t.numpy().copy() for t in cache.tensors]
+    ids = toy_model._tensor(np.array([[7]], np.int32))
+    pos = toy_model._tensor(np.array([cache.length], np.int32))
+    out = toy_model._decode(ids, pos, *cache.tensors, *toy_model._weights)
+    returned = [out[i] for i in range(1, len(out))]
+    assert [np.from_dlpack(r).ctypes.data for r in returned] == [np.from_dlpack(t).ctypes.data for t in cache.tensors]
+    for old, new in zip(before, (t.numpy() for t in cache.tensors)):
+        np.testing.assert_array_equal(np.delete(new, cache.length, axis=1), np.delete(old, cache.length, axis=1))
+        assert not np.array_equal(new[:, cache.length], old[:, cache.length])
 
 
 def test_tampered_weight_is_refused(artifact_copy):
