@@ -43,12 +43,12 @@ def cli():
 
 def _build_options(target, arch, pipeline, disable_pass, dump_dir, verify, quant=None, quant_rules=None,
                    calibration=(), bits_budget=None, prune=None, lowrank=None, dtype="fp32",
-                   weight_storage="auto", activations="f32"):
+                   weight_storage="auto", activations="f32", kv_cache="f32"):
     from .compiler import BuildOptions
     return BuildOptions(target=target, arch=arch, pipeline=pipeline, disabled_passes=tuple(disable_pass),
                         dump_dir=dump_dir, verify=verify, quant=quant, quant_rules=quant_rules,
                         calibration=tuple(calibration), bits_budget=bits_budget, prune=prune, lowrank=lowrank,
-                        dtype=dtype, weight_storage=weight_storage, activations=activations)
+                        dtype=dtype, weight_storage=weight_storage, activations=activations, kv_cache=kv_cache)
 
 
 def _key_values(items, option: str) -> tuple[tuple[str, str], ...]:
@@ -106,8 +106,11 @@ _disable_option = click.option("--disable-pass", multiple=True, metavar="NAME", 
               help="int8: the 4-bit linears (symmetric, groups of 32/64/128) quantize their inputs to int8 per "
                    "token and group and multiply in int8 (W4A8, VNNI on x86): about 2x prefill and faster decode, "
                    "~1% more error per linear. CPU only.")
+@click.option("--kv-cache", type=click.Choice(["f32", "int8"]), default="f32", show_default=True,
+              help="int8: keep the KV cache as int8 codes with one f32 scale per token and kv head (a quarter "
+                   "of the memory; attention reads the codes). fp32 models only.")
 def build(model, target, arch, out, dtype, pipeline, disable_pass, dump_dir, verify, force, quant, quant_rules,
-          calibration, bits_budget, prune, lowrank, weight_storage, activations):
+          calibration, bits_budget, prune, lowrank, weight_storage, activations, kv_cache):
     """Compile MODEL (an HF folder, a .gguf file, or 'smollm2') into an artifact directory.
 
     \b
@@ -128,7 +131,7 @@ def build(model, target, arch, out, dtype, pipeline, disable_pass, dump_dir, ver
     console = _console()
     options = _build_options(target, arch, pipeline, disable_pass, dump_dir, verify, quant, quant_rules,
                              _key_values(calibration, "--calib"), bits_budget, prune, lowrank, dtype,
-                             weight_storage, activations)
+                             weight_storage, activations, kv_cache)
     with console.status("building") as status:
         manifest = build_artifact(model, out, options, force, report=lambda line: (status.update(line),
                                                                                     console.log(line)))

@@ -3,7 +3,7 @@
 Every variant is built from the same traced model: ``fp32`` without compression (always there,
 always first); any other spec is ``+``-joined steps, each ``prune=METHOD:LEVEL`` (``--prune``),
 ``lowrank=METHOD:RATIO[:ALLOCATION]`` (``--lowrank``), ``dtype=fp16`` (``--dtype``), ``act=int8``
-(``--activations``) or a ``--quant``
+(``--activations``), ``kv=int8`` (``--kv-cache``) or a ``--quant``
 spec (``quant=`` optional), e.g. ``w4g128``, ``prune=wanda:0.5+w4g128``, ``lowrank=asvd:0.2+w8``,
 ``dtype=fp16``. Per variant:
 
@@ -83,9 +83,11 @@ def parse_specs(text: str) -> list[str]:
     return list(dict.fromkeys([BASELINE, *(spec.strip() for spec in text.split(",") if spec.strip())]))
 
 
-STEPS = ("prune", "lowrank", "quant", "dtype", "act")
+STEPS = ("prune", "lowrank", "quant", "dtype", "act", "kv")
+FIELDS = {"act": "activations", "kv": "kv_cache"}  # steps named other than their build option
 DTYPES = ("fp32", "fp16")
 ACTIVATIONS = ("f32", "int8")
+KV_CACHES = ("f32", "int8")
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,7 @@ class VariantSpec:
     quant: str | None = None
     dtype: str = "fp32"
     activations: str = "f32"
+    kv_cache: str = "f32"
 
 
 def parse_variant(spec: str) -> VariantSpec:
@@ -110,8 +113,8 @@ def parse_variant(spec: str) -> VariantSpec:
         if key not in STEPS or not value:
             raise LLMOptError(f"--compare variant {spec!r}: {part!r} is not a step.",
                               "Join steps with '+': prune=METHOD:LEVEL, lowrank=METHOD:RATIO[:ALLOCATION], "
-                              "dtype=fp16, act=int8 and a --quant spec, e.g. prune=wanda:0.5+w4g128.")
-        if ("activations" if key == "act" else key) in steps:
+                              "dtype=fp16, act=int8, kv=int8 and a --quant spec, e.g. prune=wanda:0.5+w4g128.")
+        if FIELDS.get(key, key) in steps:
             raise LLMOptError(f"--compare variant {spec!r} has two {key} steps.", "Give each step at most once.")
         if key == "dtype" and value not in DTYPES:
             raise LLMOptError(f"--compare variant {spec!r}: dtype={value} is not one of {', '.join(DTYPES)}.",
@@ -119,7 +122,10 @@ def parse_variant(spec: str) -> VariantSpec:
         if key == "act" and value not in ACTIVATIONS:
             raise LLMOptError(f"--compare variant {spec!r}: act={value} is not one of {', '.join(ACTIVATIONS)}.",
                               "Write act=int8 (f32 is the default), e.g. w4g128+act=int8.")
-        steps["activations" if key == "act" else key] = value
+        if key == "kv" and value not in KV_CACHES:
+            raise LLMOptError(f"--compare variant {spec!r}: kv={value} is not one of {', '.join(KV_CACHES)}.",
+                              "Write kv=int8 (f32 is the default), e.g. w4g128+kv=int8.")
+        steps[FIELDS.get(key, key)] = value
     return VariantSpec(**steps)
 
 

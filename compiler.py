@@ -35,6 +35,7 @@ class BuildOptions:
     dtype: str = "fp32"  # "fp16": weights, activations and KV cache in f16 (half-precision, last pass)
     weight_storage: str = "auto"  # "auto": mostly-one-value (pruned) weights stored compactly; "plain": as is
     activations: str = "f32"  # "int8": the 4-bit linears take int8 activations (int8-activations, W4A8)
+    kv_cache: str = "f32"  # "int8": the KV cache as int8 codes and a scale per token and kv head (quantize-kv-cache)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -42,6 +43,16 @@ class BuildOptions:
 
 WEIGHT_STORAGE = ("auto", "plain")
 ACTIVATIONS = ("f32", "int8")
+KV_CACHES = ("f32", "int8")
+
+
+def check_kv_cache(options: BuildOptions) -> None:
+    """An LLMOptError naming what to change unless ``options.kv_cache`` can be built."""
+    if options.kv_cache not in KV_CACHES:
+        raise LLMOptError(f"--kv-cache {options.kv_cache!r} is unknown.", f"Use one of: {', '.join(KV_CACHES)}.")
+    if options.kv_cache == "int8" and options.dtype != "fp32":
+        raise LLMOptError(f"--kv-cache int8 with --dtype {options.dtype}: the int8 cache is defined on f32 models.",
+                          "Use --dtype fp32 with --kv-cache int8, or an fp16 cache (leave --kv-cache out).")
 
 
 def check_activations(options: BuildOptions, spec) -> None:
@@ -103,6 +114,9 @@ def optimize(module: Module, options: BuildOptions, report: BuildReport | None =
     if options.activations == "int8":  # after quantization: it rewrites the quantized linears
         from .passes.quant.int8_activations import Int8Activations
         passes = with_quantization(passes, Int8Activations())
+    if options.kv_cache == "int8":
+        from .passes.quant.kv_cache import QuantizeKVCache
+        passes = with_quantization(passes, QuantizeKVCache())
     if options.dtype == "fp16":  # last: every pass before it computes in f32
         from .passes.half_precision import HalfPrecision
         from .targets import get_target
@@ -215,6 +229,7 @@ def build(model, out: str | Path, options: BuildOptions = BuildOptions(), force:
     check_arch(spec, options.arch)  # likewise an --arch the target does not know
     check_dtype(spec, options.dtype)  # and a --dtype it has no kernels for
     check_activations(options, spec)
+    check_kv_cache(options)
     if options.weight_storage not in WEIGHT_STORAGE:
         raise LLMOptError(f"weight storage {options.weight_storage!r} is unknown.",
                           f"Use one of: {', '.join(WEIGHT_STORAGE)}.")

@@ -1,8 +1,9 @@
 """The int8 KV cache (``quantize-kv-cache``) against the f32 one on SmolLM2-135M.
 
-Two CPU artifacts of the same model: the ``default`` pipeline (f32 cache) and
-``fuse-linears,fold-constants,quantize-kv-cache,cse,dce`` (int8 codes + one f32 scale per token and
-kv head). Built into a temporary directory unless ``--f32`` / ``--int8`` name existing ones.
+Two CPU artifacts of the same model, ``--quant`` (default ``w4g128``; ``none``: f32 weights): with
+an f32 cache and with ``--kv-cache int8`` (int8 codes + one f32 scale per token and kv head, which
+decode's attention reads directly). Built into a temporary directory unless ``--f32`` / ``--int8``
+name existing ones.
 
 - **Agreement.** For each prompt (``--prompts`` windows of ``--prompt-tokens`` tokens from
   Persuasion), ``--new-tokens`` greedy tokens from each artifact: how many leading tokens agree.
@@ -16,7 +17,7 @@ kv head). Built into a temporary directory unless ``--f32`` / ``--int8`` name ex
 
 Results go to ``bench/results/kv_cache_smollm2.json`` and ``.md``.
 
-    python bench/bench_kv_cache.py [--f32 DIR] [--int8 DIR] [--rounds 3] [--long-prompt 512]
+    python bench/bench_kv_cache.py [--quant w4g128] [--f32 DIR] [--int8 DIR] [--rounds 3] [--long-prompt 512]
 """
 
 from __future__ import annotations
@@ -33,22 +34,22 @@ from results_files import write_results
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kv_cache_smollm2"
 TEXT = Path("/work/shared/data/austen/persuasion.txt")
-PIPELINES = {"f32": "default", "int8": "fuse-linears,fold-constants,quantize-kv-cache,cse,dce"}
+CACHES = ("f32", "int8")
 
 
-def build_artifacts(given: dict[str, str | None], workdir: Path) -> dict[str, Path]:
+def build_artifacts(given: dict[str, str | None], workdir: Path, quant: str | None) -> dict[str, Path]:
     from llmopt.compiler import BuildOptions, build
     from llmopt.frontend.hf_folder import load_hf_folder
     from llmopt.frontend.zoo import smollm2_hf_folder
 
     paths = {}
-    for name, pipeline in PIPELINES.items():
+    for name in CACHES:
         if given[name]:
             paths[name] = Path(given[name])
             continue
         paths[name] = workdir / name
-        print(f"building the {name}-cache artifact ({pipeline})...", flush=True)
-        build(load_hf_folder(smollm2_hf_folder()), paths[name], BuildOptions(pipeline=pipeline))
+        print(f"building the {name}-cache artifact (--quant {quant})...", flush=True)
+        build(load_hf_folder(smollm2_hf_folder()), paths[name], BuildOptions(quant=quant, kv_cache=name))
     return paths
 
 
@@ -112,7 +113,7 @@ def speed(paths: dict[str, Path], long_prompt: int, decode_tokens: int, rounds: 
 
 def markdown(result: dict) -> str:
     acc, spd = result["accuracy"], result["speed"]
-    lines = ["# int8 vs f32 KV cache, SmolLM2-135M, CPU", "",
+    lines = [f"# int8 vs f32 KV cache, SmolLM2-135M ({result.get('quant', 'none')} weights), CPU", "",
              f"Greedy {acc['new_tokens']} tokens after {acc['prompt_tokens']}-token Persuasion windows; logit "
              "differences teacher-forced on the f32 artifact's tokens.", "",
              "| prompt | equal leading tokens | max abs logit diff | mean abs logit diff | argmax differs "
@@ -125,7 +126,7 @@ def markdown(result: dict) -> str:
     lines += ["", f"Decode after a {spd['prompt_tokens']}-token prompt, 1 thread, median of {spd['rounds']} rounds "
               f"({spd['decode_tokens']} steps x {spd['repeats_per_round']} repeats each):", "",
               "| cache | decode tok/s | prefill tok/s | peak RSS MiB |", "|---|---|---|---|"]
-    for name in PIPELINES:
+    for name in CACHES:
         s = spd[name]
         lines.append(f"| {name} | {s['decode_tok_s']:.2f} | {s['prefill_tok_s']:.1f} | {s['peak_rss_mib']:.0f} |")
     return "\n".join(lines) + "\n"
@@ -133,6 +134,7 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quant", default="w4g128", help="the weights' --quant scheme of both artifacts (none: f32)")
     parser.add_argument("--f32", help="an existing f32-cache artifact")
     parser.add_argument("--int8", help="an existing int8-cache artifact")
     parser.add_argument("--prompts", type=int, default=4)
@@ -146,8 +148,9 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.keep or tmp)
-        paths = build_artifacts({"f32": args.f32, "int8": args.int8}, workdir)
-        result = {"accuracy": accuracy(paths, args.prompts, args.prompt_tokens, args.new_tokens),
+        quant = None if args.quant == "none" else args.quant
+        paths = build_artifacts({"f32": args.f32, "int8": args.int8}, workdir, quant)
+        result = {"quant": quant or "none", "accuracy": accuracy(paths, args.prompts, args.prompt_tokens, args.new_tokens),
                   "speed": speed(paths, args.long_prompt, args.decode_tokens, args.rounds, args.repeats)}
     print(markdown(result))
     write_results(RESULTS, result, markdown(result))

@@ -5,6 +5,8 @@ step costs one row, not a copy of the cache). The int8-rows ops (``row_scale_i8`
 ``quantize_rows_i8``, ``dequantize_rows_i8``) of ``quantize-kv-cache`` are small TE computes that
 match the numpy semantics in ``ir/int8_ops.py`` exactly: the scale is ``max |x| / 127`` (1 for a zero
 row) and codes round half to even (``nearbyint``; Relax's ``round`` rounds half away from zero).
+``attention_i8_cache`` goes to the target's attention kernel for int8 caches when it has one (the
+CPU's reads the codes), else to a dequantized copy of the cache and the plain attention lowering.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from tvm import relax, te, tirx
 from tvm.script import tirx as T
 
 from ..ir.int8_ops import I8_MAX
-from .lower_ops import lowers
+from .lower_ops import attention_shape, lower_attention, lowers
 
 
 def _row_scale_te(x: te.Tensor):
@@ -93,10 +95,30 @@ def make_kv_write(row_shape: tuple[int, ...], dtype: str) -> tirx.PrimFunc:
 
 @lowers("kv_write")
 def _kv_write(ctx, node, args):
-    type = node.type
-    if type.shape[0] != 1 or not all(isinstance(d, int) for d in type.shape[2:]):
-        raise NotImplementedError(f"kv_write: cache {type} (batch 1 and static rows only)")
-    row_shape = tuple(type.shape[2:])
-    func = make_kv_write(row_shape, str(args[0].ty.dtype))
-    gv = ctx.bb.add_func(func, f"kv_write_{'x'.join(map(str, row_shape))}_{args[0].ty.dtype}")
-    return relax.call_tir_inplace(gv, list(args), inplace_indices=[0], out_ty=args[0].ty)
+    return kv_write_call(ctx.bb, *args)
+
+
+def kv_write_call(bb: relax.BlockBuilder, cache: relax.Expr, new: relax.Expr, pos: relax.Expr) -> relax.Expr:
+    """``kv_write(cache, new, pos)``, in place on ``cache`` [1, capacity, *static row shape]."""
+    shape = cache.ty.shape.values
+    if not all(isinstance(d, tirx.IntImm) for d in (shape[0], *shape[2:])) or int(shape[0]) != 1:
+        raise NotImplementedError(f"kv_write: cache {cache.ty} (batch 1 and static rows only)")
+    row_shape = tuple(int(d) for d in shape[2:])
+    func = make_kv_write(row_shape, str(cache.ty.dtype))
+    gv = bb.add_func(func, f"kv_write_{'x'.join(map(str, row_shape))}_{cache.ty.dtype}")
+    return relax.call_tir_inplace(gv, [cache, new, pos], inplace_indices=[0], out_ty=cache.ty)
+
+
+@lowers("attention_i8_cache")
+def _attention_i8_cache(ctx, node, args):
+    """The target's kernel reading the codes (one query, causal), else the cache dequantized whole,
+    the step's rows written over it, and ``attention``'s lowering."""
+    q, k_codes, k_scale, k_new, v_codes, v_scale, v_new, pos = args
+    shape = attention_shape(ctx, node)
+    if ctx.emit_attention is not None and node.type.shape[1] == 1 and shape["causal"]:
+        return ctx.emit_attention(ctx.bb, q, k_codes, v_codes, pos=pos, i8_cache=(k_scale, k_new, v_scale, v_new),
+                                  **shape)
+    keys, values = (ctx.bb.emit(kv_write_call(ctx.bb, ctx.bb.emit_te(
+        _dequantize_rows_te, codes, scale, primfunc_name_hint="dequantize_rows_i8"), new, pos))
+        for codes, scale, new in ((k_codes, k_scale, k_new), (v_codes, v_scale, v_new)))
+    return lower_attention(ctx, q, keys, values, pos, **shape)

@@ -31,7 +31,9 @@ class LoweringContext:
     bb: relax.BlockBuilder
     symbols: dict[str, tirx.Var]
     emit_linear: Callable  # (bb, x, w, bias, out_features=None) -> relax.Expr
-    emit_attention: Callable | None  # (bb, q, k, v, heads=, kv_heads=, head_dim=, scale=, causal=, pos=); None: Relax ops
+    # (bb, q, k, v, heads=, kv_heads=, head_dim=, scale=, causal=, pos=[, i8_cache=]); None: Relax ops.
+    # i8_cache: (k_scale, k_new, v_scale, v_new) of an attention_i8_cache with one query, k/v its codes
+    emit_attention: Callable | None
     types: dict  # IR value name -> TensorType, for lowerings that need their inputs' types
     packed: set = frozenset()  # IR values (weights) held in the target's packed linear layout
     emit_quant_linear: Callable | None = None  # see TargetSpec.emit_quant_linear
@@ -336,15 +338,23 @@ def _position_mask_te(scores: te.Tensor, pos: te.Tensor):
 
 @lowers("attention")
 def _attention(ctx, node, args):
+    return lower_attention(ctx, *args[:3], args[3] if len(args) == 4 else None, **attention_shape(ctx, node))
+
+
+def attention_shape(ctx, node: Node) -> dict:
+    """The keyword arguments of ``lower_attention`` (and of a target's ``emit_attention``) for an
+    attention node (``attention``, ``attention_i8_cache``): heads, kv heads, head_dim, scale, causal."""
+    return dict(heads=node.type.shape[2], kv_heads=ctx.types[node.inputs[1]].shape[2],
+                head_dim=node.type.shape[3], scale=node.attr["scale"], causal=node.attr.get("causal", True))
+
+
+def lower_attention(ctx, q, k, v, pos, *, heads, kv_heads, head_dim, scale, causal) -> relax.Expr:
+    """``attention(q, k, v[, pos])``: the target's fused kernel, else Relax ops (matmul, mask, softmax)."""
     bb = ctx.bb
-    q, k, v = args[:3]
-    pos = args[3] if len(args) == 4 else None
     half = q.ty.dtype == "float16"  # f16 scores and probabilities would lose too much: f32
-    heads, kv_heads = node.type.shape[2], ctx.types[node.inputs[1]].shape[2]
-    causal = node.attr.get("causal", True)
     if ctx.emit_attention is not None:
-        return ctx.emit_attention(bb, q, k, v, heads=heads, kv_heads=kv_heads, head_dim=node.type.shape[3],
-                                  scale=node.attr["scale"], causal=causal, pos=pos)
+        return ctx.emit_attention(bb, q, k, v, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                                  scale=scale, causal=causal, pos=pos)
     if heads != kv_heads:
         k = bb.emit(relax.op.repeat(k, heads // kv_heads, axis=2))
         v = bb.emit(relax.op.repeat(v, heads // kv_heads, axis=2))
@@ -352,7 +362,7 @@ def _attention(ctx, node, args):
     kt = bb.emit(relax.op.permute_dims(k, [0, 2, 3, 1]))
     vh = bb.emit(relax.op.permute_dims(v, [0, 2, 1, 3]))
     scores = bb.emit(relax.op.multiply(relax.op.matmul(qh, kt, out_dtype="float32"),
-                                       relax.const(node.attr["scale"], "float32")))
+                                       relax.const(scale, "float32")))
     if pos is not None and causal:
         scores = bb.emit_te(_position_mask_te, scores, pos, primfunc_name_hint="position_mask")
     elif causal:

@@ -1,5 +1,6 @@
-"""The int8 ops: KV-cache rows with one f32 scale each, W8A8 (int8 activations x int8 weights) and
-W4A8 (int8 activations x symmetric 4-bit weights), with their numpy references.
+"""The int8 ops: KV-cache rows with one f32 scale each (and attention over such a cache), W8A8
+(int8 activations x int8 weights) and W4A8 (int8 activations x symmetric 4-bit weights), with
+their numpy references.
 
 Registered into ``ops.OPS`` when ``ir.ops`` is imported (its last line imports this module).
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import LLMOptError
-from .ops import OpError, register
+from .ops import OPS, OpError, register
 from .quant_schemes import get_scheme
 from .types import TensorType
 
@@ -54,6 +55,33 @@ register("quantize_rows_i8", 2, _infer_row_codes("quantize_rows_i8", "f32", "i8"
 register("dequantize_rows_i8", 2, _infer_row_codes("dequantize_rows_i8", "i8", "f32"),
          lambda args, attrs, env: args[0].astype(np.float32) * args[1][..., None],
          doc="f32[..., D]: codes * scale with one scale per row of the last axis")
+
+
+def _infer_attention_i8_cache(types, attrs):
+    q, k_codes, k_scales, k_new, v_codes, v_scales, v_new, pos = types
+    for role, codes, scales, new in (("k", k_codes, k_scales, k_new), ("v", v_codes, v_scales, v_new)):
+        if codes.dtype != "i8" or codes.rank != 4 or scales != TensorType("f32", codes.shape[:-1]) \
+                or new.dtype != "f32" or new.rank != 4 or new.shape[2:] != codes.shape[2:] \
+                or new.shape[1] != q.shape[1]:
+            raise OpError(f"attention_i8_cache: expected {role} codes i8[b, capacity, kv_heads, d], their f32 row "
+                          f"scales [b, capacity, kv_heads] and the step's f32 rows [b, s, kv_heads, d]; "
+                          f"got {codes}, {scales}, {new}")
+    return OPS["attention"].infer([q, k_new.with_shape(k_codes.shape), v_new.with_shape(v_codes.shape), pos], attrs)
+
+
+def _attention_i8_cache_ref(args, attrs, env):
+    q, k_codes, k_scales, k_new, v_codes, v_scales, v_new, pos = args
+    write, dequantize = OPS["kv_write"].ref, OPS["dequantize_rows_i8"].ref
+    keys = write([dequantize([k_codes, k_scales], {}, env), k_new, pos], {}, env)
+    values = write([dequantize([v_codes, v_scales], {}, env), v_new, pos], {}, env)
+    return OPS["attention"].ref([q, keys, values, pos], attrs, env)
+
+
+register("attention_i8_cache", 8, _infer_attention_i8_cache, _attention_i8_cache_ref, attrs=("scale",),
+         optional_attrs=("causal",),
+         doc="attention(q, K, V, pos) over an int8 cache: K = kv_write(dequantize_rows_i8(k_codes, "
+             "k_scales), k_new, pos) (the past rows dequantized, the step's own rows in f32), V likewise; "
+             "one kernel reads the codes, no dequantized cache is made")
 
 
 # ---- int8 activations x int8 weights (W8A8) ---------------------------------------------------

@@ -46,7 +46,8 @@ FULL, HALF = "f32", "f16"
 HALF_WEIGHTS = "f16-weights"  # module.meta["dtype"] of the weights-only mode
 WIDENED_READS = {("linear", 1), ("embedding", 1)}  # reads of an f16 weight the weights-only mode allows
 KEPT_FULL_OUTPUTS = ("logits",)
-F32_ONLY_OPS = ("linear_w8a8", "linear_w4a8", "quantize_rows_i8", "dequantize_rows_i8", "row_scale_i8")
+F32_ONLY_OPS = ("linear_w8a8", "linear_w4a8", "quantize_rows_i8", "dequantize_rows_i8", "row_scale_i8",
+                "attention_i8_cache")
 F16_MAX = float(np.finfo(np.float16).max)
 
 

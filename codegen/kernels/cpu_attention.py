@@ -125,7 +125,7 @@ def _nothing(prod, row):
 
 @cache
 def make_decode_attention(heads: int, kv_heads: int, head_dim: int, scale: float,
-                          positions: bool = False) -> tirx.PrimFunc:
+                          positions: bool = False, int8_cache: bool = False) -> tirx.PrimFunc:
     """The one-query case (decode): keys are read in the cache's own layout, no transpose.
 
     KV heads run in parallel. Each walks its keys once, in tiles of ``DECODE_KEY_TILE``, for all
@@ -141,7 +141,14 @@ def make_decode_attention(heads: int, kv_heads: int, head_dim: int, scale: float
     Only the live keys are read: the single query sees every key (``positions``: the keys
     ``0 .. pos[0]`` of a cache buffer with more rows, the later rows never read), so there is no
     mask beyond the last tile's padding, whose scores are -inf (probability 0).
+
+    ``int8_cache`` (with ``positions``; ``attention_i8_cache``): the cache buffers hold int8 codes
+    with an f32 scale per (row, KV head), and the step's own rows come in f32 (``k_new``,
+    ``v_new``): key ``j < pos`` scores ``(q . codes_j) * scale_j``, the key at ``pos`` is ``k_new``;
+    the values likewise. The codes are converted in registers: no dequantized cache is written.
     """
+    if int8_cache and not positions:
+        raise ValueError("make_decode_attention: int8_cache needs positions (a cache buffer and pos)")
     group, dim, tile = heads // kv_heads, head_dim, DECODE_KEY_TILE
     halvings = []
     width = dim
@@ -152,7 +159,8 @@ def make_decode_attention(heads: int, kv_heads: int, head_dim: int, scale: float
     fold0, fold1, fold2, fold3, fold4, fold5, fold6 = halvings
 
     @T.macro
-    def kv_head_attention(q, k, v, o, g, t):
+    def kv_head_attention(q, k, k_scale, k_new, v, v_scale, v_new, o, g, t):
+        # int8_cache: k, v are codes, k_scale, v_scale their row scales, and row t - 1 is k_new, v_new
         acc = T.alloc_buffer((group, dim), "float32", scope="global")
         prod = T.alloc_buffer((group, dim), "float32", scope="global")
         score = T.alloc_buffer((group, tile), "float32", scope="global")
@@ -168,9 +176,15 @@ def make_decode_attention(heads: int, kv_heads: int, head_dim: int, scale: float
                     score[hh, jj] = T.float32(_NEG_INF)
             for jj in range(T.min(tile, t - jt * tile)):
                 for hh in T.unroll(group):
-                    for d in T.vectorized(dim):
-                        prod[hh, d] = q[0, 0, g * group + hh, d] * k[
-                            0, jt * tile + jj, g, d]
+                    if not int8_cache:
+                        for d in T.vectorized(dim):
+                            prod[hh, d] = q[0, 0, g * group + hh, d] * k[0, jt * tile + jj, g, d]
+                    elif jt * tile + jj < t - 1:
+                        for d in T.vectorized(dim):
+                            prod[hh, d] = q[0, 0, g * group + hh, d] * T.Cast("float32", k[0, jt * tile + jj, g, d])
+                    else:
+                        for d in T.vectorized(dim):
+                            prod[hh, d] = q[0, 0, g * group + hh, d] * k_new[0, 0, g, d]
                     fold0(prod, hh)
                     fold1(prod, hh)
                     fold2(prod, hh)
@@ -181,7 +195,11 @@ def make_decode_attention(heads: int, kv_heads: int, head_dim: int, scale: float
                     score[hh, jj] = prod[hh, 0]
                     for d in range(1, width):
                         score[hh, jj] = score[hh, jj] + prod[hh, d]
-                    score[hh, jj] = score[hh, jj] * T.float32(scale)
+                    if int8_cache:
+                        score[hh, jj] = score[hh, jj] * (T.float32(scale) * T.if_then_else(
+                            jt * tile + jj < t - 1, k_scale[0, jt * tile + jj, g], T.float32(1)))
+                    else:
+                        score[hh, jj] = score[hh, jj] * T.float32(scale)
             for hh in range(group):
                 stats[hh, 2] = stats[hh, 0]
                 for jj in range(tile):
@@ -196,12 +214,50 @@ def make_decode_attention(heads: int, kv_heads: int, head_dim: int, scale: float
                     acc[hh, d] = acc[hh, d] * stats[hh, 3]
             for jj in range(T.min(tile, t - jt * tile)):
                 for hh in T.unroll(group):
-                    for d in T.vectorized(dim):
-                        acc[hh, d] = acc[hh, d] + score[hh, jj] * v[
-                            0, jt * tile + jj, g, d]
+                    if not int8_cache:
+                        for d in T.vectorized(dim):
+                            acc[hh, d] = acc[hh, d] + score[hh, jj] * v[0, jt * tile + jj, g, d]
+                    elif jt * tile + jj < t - 1:
+                        for d in T.vectorized(dim):
+                            acc[hh, d] = acc[hh, d] + score[hh, jj] * v_scale[0, jt * tile + jj, g] * T.Cast(
+                                "float32", v[0, jt * tile + jj, g, d])
+                    else:
+                        for d in T.vectorized(dim):
+                            acc[hh, d] = acc[hh, d] + score[hh, jj] * v_new[0, 0, g, d]
         for hh in range(group):
             for d in T.vectorized(dim):
                 o[0, 0, g * group + hh, d] = acc[hh, d] / stats[hh, 1]
+
+    # only the kernel asked for is parsed: the others would index the macro's unused buffers
+    if int8_cache:
+        @T.prim_func(private=True)
+        def decode_attention_i8(q: T.Buffer((1, 1, heads, dim), "float32"), var_k: T.handle, var_k_scale: T.handle,
+                                k_new: T.Buffer((1, 1, kv_heads, dim), "float32"), var_v: T.handle,
+                                var_v_scale: T.handle, v_new: T.Buffer((1, 1, kv_heads, dim), "float32"),
+                                pos: T.Buffer((1,), "int32"), o: T.Buffer((1, 1, heads, dim), "float32")):
+            T.func_attr({"op_pattern": _OPAQUE, "tirx.noalias": True, "tirx.is_scheduled": True})
+            capacity = T.int64()
+            k = T.match_buffer(var_k, (1, capacity, kv_heads, dim), "int8")
+            k_scale = T.match_buffer(var_k_scale, (1, capacity, kv_heads), "float32")
+            v = T.match_buffer(var_v, (1, capacity, kv_heads, dim), "int8")
+            v_scale = T.match_buffer(var_v_scale, (1, capacity, kv_heads), "float32")
+            for g in T.parallel(kv_heads):
+                kv_head_attention(q, k, k_scale, k_new, v, v_scale, v_new, o, g,
+                                  T.min(T.Cast("int64", pos[0]) + 1, capacity))
+
+        return decode_attention_i8
+    if positions:
+        @T.prim_func(private=True)
+        def decode_attention_at(q: T.Buffer((1, 1, heads, dim), "float32"), var_k: T.handle, var_v: T.handle,
+                                pos: T.Buffer((1,), "int32"), o: T.Buffer((1, 1, heads, dim), "float32")):
+            T.func_attr({"op_pattern": _OPAQUE, "tirx.noalias": True, "tirx.is_scheduled": True})
+            capacity = T.int64()
+            k = T.match_buffer(var_k, (1, capacity, kv_heads, dim), "float32")
+            v = T.match_buffer(var_v, (1, capacity, kv_heads, dim), "float32")
+            for g in T.parallel(kv_heads):
+                kv_head_attention(q, k, k, k, v, v, v, o, g, T.min(T.Cast("int64", pos[0]) + 1, capacity))
+
+        return decode_attention_at
 
     @T.prim_func(private=True)
     def decode_attention(q: T.Buffer((1, 1, heads, dim), "float32"), var_k: T.handle, var_v: T.handle,
@@ -211,19 +267,9 @@ def make_decode_attention(heads: int, kv_heads: int, head_dim: int, scale: float
         k = T.match_buffer(var_k, (1, t, kv_heads, dim), "float32")
         v = T.match_buffer(var_v, (1, t, kv_heads, dim), "float32")
         for g in T.parallel(kv_heads):
-            kv_head_attention(q, k, v, o, g, t)
+            kv_head_attention(q, k, k, k, v, v, v, o, g, t)
 
-    @T.prim_func(private=True)
-    def decode_attention_at(q: T.Buffer((1, 1, heads, dim), "float32"), var_k: T.handle, var_v: T.handle,
-                            pos: T.Buffer((1,), "int32"), o: T.Buffer((1, 1, heads, dim), "float32")):
-        T.func_attr({"op_pattern": _OPAQUE, "tirx.noalias": True, "tirx.is_scheduled": True})
-        capacity = T.int64()
-        k = T.match_buffer(var_k, (1, capacity, kv_heads, dim), "float32")
-        v = T.match_buffer(var_v, (1, capacity, kv_heads, dim), "float32")
-        for g in T.parallel(kv_heads):
-            kv_head_attention(q, k, v, o, g, T.min(T.Cast("int64", pos[0]) + 1, capacity))
-
-    return decode_attention_at if positions else decode_attention
+    return decode_attention
 
 
 def transpose_keys_te(k: te.Tensor) -> te.Tensor:
@@ -238,10 +284,20 @@ def transpose_keys_te(k: te.Tensor) -> te.Tensor:
 
 
 def emit_attention(bb: relax.BlockBuilder, q, k, v, *, heads: int, kv_heads: int, head_dim: int,
-                   scale: float, causal: bool, pos=None) -> relax.Expr:
+                   scale: float, causal: bool, pos=None, i8_cache=None) -> relax.Expr:
     """q: [1, s, heads, d]; k, v: [1, t, kv_heads, d] -> [1, s, heads, d]. ``pos`` (i32[s], decode
-    only): the query's key position, the keys after it unread; None: the queries end the keys."""
+    only): the query's key position, the keys after it unread; None: the queries end the keys.
+    ``i8_cache`` (one query at ``pos`` only; ``attention_i8_cache``): ``(k_scale, k_new, v_scale,
+    v_new)``, with ``k`` and ``v`` the int8 codes of the cache buffers."""
     one_query = isinstance(q.ty.shape.values[1], tirx.IntImm) and int(q.ty.shape.values[1]) == 1
+    if i8_cache is not None:
+        if not (one_query and causal and pos is not None):
+            raise NotImplementedError("cpu attention over an int8 cache: one query at a position only")
+        k_scale, k_new, v_scale, v_new = i8_cache
+        func = make_decode_attention(heads, kv_heads, head_dim, scale, positions=True, int8_cache=True)
+        gv = bb.add_func(func, f"decode_attention_i8_h{heads}_kv{kv_heads}_d{head_dim}")
+        return relax.call_tir(gv, [q, k, k_scale, k_new, v, v_scale, v_new, pos],
+                              relax.TensorType(q.ty.shape, "float32"))
     if one_query and (pos is None or causal):
         func = make_decode_attention(heads, kv_heads, head_dim, scale, positions=pos is not None)
         gv = bb.add_func(func, f"decode_attention_h{heads}_kv{kv_heads}_d{head_dim}{'_at' if pos is not None else ''}")

@@ -15,12 +15,14 @@ v.i, v.i.scale`` (``module.meta["kv_cache"]["tensors"]``, with ``dtype`` "i8"). 
 is ``row_scale_i8`` (max |x| over head_dim / 127) and its codes ``quantize_rows_i8``
 (round half to even). Only the stored cache is quantized: the tokens an entry point computes
 itself are attended in f32. Decode writes the new token's codes and scale into the buffers
-(``kv_write``: past codes are carried, never re-quantized), dequantizes the buffers and writes the
-new token's f32 row over its dequantized one, so it attends over the dequantized past and the new
-token in f32.
+(``kv_write``: past codes are carried, never re-quantized) and attends with
+``attention_i8_cache``: over the dequantized past and the new token's own rows in f32, reading the
+codes (no dequantized copy of the cache is made). Should another node read a written cache, that
+one is dequantized whole and the new token's f32 row written over its own.
 New nodes carry ``created_by="quantize-kv-cache"`` and the ``source`` of the node they follow.
 
-Stats: ``stored`` cache tensors quantized at an output, ``loaded`` cache params dequantized.
+Stats: ``stored`` cache tensors quantized at an output, ``loaded`` cache params read as codes,
+``fused_attention`` attentions reading the codes.
 """
 
 from __future__ import annotations
@@ -115,15 +117,23 @@ class QuantizeKVCache(Pass):
         stored_at = {}  # value -> cache outputs it is
         for name, value in outputs.items():
             stored_at.setdefault(value, []).append(name)
-        stored = {}  # cache output -> (codes, scales)
+        fused, dequantized = self.fusable_attentions(func, set(stored_at)) if params else (set(), set())
+        stored, written = {}, {}  # cache output -> (codes, scales); written cache -> (codes, scales, new rows)
         for node in func.nodes:
             with b.at(source=node.source):
                 names = stored_at.get(node.name, ())
-                if names and params:  # decode: write codes and scales, attend over their dequantization
+                if names and params:  # decode: write codes and scales
                     codes, scales = self.write(b, node, rename, past[node.inputs[0]])
-                    dequantized = b.add("dequantize_rows_i8", codes, scales)
-                    rename[node.name] = b.add("kv_write", dequantized, *(rename[i] for i in node.inputs[1:]))
+                    written[node.name] = (codes, scales, rename[node.inputs[1]])
+                    if node.name in dequantized:  # read by more than attention: the whole cache in f32
+                        rows = b.add("dequantize_rows_i8", codes, scales)
+                        rename[node.name] = b.add("kv_write", rows, *(rename[i] for i in node.inputs[1:]))
                     stored.update({name: (codes, scales) for name in names})
+                    continue
+                if node.name in fused:  # attend over the codes: no dequantized cache
+                    q, keys, values, pos = node.inputs
+                    rename[node.name] = b.add("attention_i8_cache", rename[q], *written[keys], *written[values],
+                                              rename[pos], **node.attr)
                     continue
                 rename[node.name] = b.copy_node(node, renamed(node, rename))
                 for name in names:
@@ -134,7 +144,19 @@ class QuantizeKVCache(Pass):
                 b.output(name + SCALE_SUFFIX, stored[name][1])
             else:
                 b.output(name, rename[value])
-        return b.finish(), Counter(stored=len(stored), loaded=len(past))
+        return b.finish(), Counter(stored=len(stored), loaded=len(past), fused_attention=len(fused))
+
+    @staticmethod
+    def fusable_attentions(func: Function, written: set[str]) -> tuple[set[str], set[str]]:
+        """(attention nodes that become ``attention_i8_cache``, written caches still needed in f32).
+
+        An ``attention(q, k, v, pos)`` fuses when ``k`` and ``v`` are caches written at ``pos``; a
+        written cache any other node reads is dequantized as a whole for it."""
+        nodes = func.node_map()
+        fused = {n.name for n in func.nodes if n.op == "attention" and len(n.inputs) == 4
+                 and all(i in written and nodes[i].inputs[2] == n.inputs[3] for i in n.inputs[1:3])}
+        dequantized = {i for n in func.nodes if n.name not in fused for i in n.inputs if i in written}
+        return fused, dequantized
 
     @staticmethod
     def quantize(b: Builder, value: str) -> tuple[str, str]:

@@ -8,6 +8,7 @@ import tvm
 from tvm import te
 
 from llmopt.codegen.kernels.cpu_attention import DECODE_KEY_TILE, fast_exp, make_decode_attention
+from llmopt.ir.ops import OPS
 from llmopt.targets.cpu import cpu_target
 
 
@@ -57,6 +58,30 @@ def test_decode_attention_over_all_keys(live):
     out = tvm.runtime.tensor(np.zeros_like(q))
     fn(*(tvm.runtime.tensor(a) for a in (q, k, v)), out)
     np.testing.assert_allclose(out.numpy(), reference(q, k, v, 0.25, live), rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 2, 16)])
+@pytest.mark.parametrize("live", [1, DECODE_KEY_TILE, DECODE_KEY_TILE + 1, 137])
+def test_decode_attention_over_an_int8_cache_matches_the_op(heads, kv_heads, dim, live):
+    """``attention_i8_cache``'s kernel: the past rows from their codes and scales, the step's own row
+    (at ``pos`` = live - 1) in f32, the rows after it never read."""
+    rng = np.random.default_rng(live + dim)
+    capacity = live + 40
+    q = rng.standard_normal((1, 1, heads, dim)).astype(np.float32)
+    codes = [rng.integers(-127, 128, (1, capacity, kv_heads, dim)).astype(np.int8) for _ in range(2)]
+    scales = [rng.uniform(0.005, 0.03, (1, capacity, kv_heads)).astype(np.float32) for _ in range(2)]
+    for c, s in zip(codes, scales):
+        c[:, live:], s[:, live:] = 127, np.float32(1e30)  # garbage past the live rows
+    new = [rng.standard_normal((1, 1, kv_heads, dim)).astype(np.float32) for _ in range(2)]
+    pos = np.array([live - 1], np.int32)
+    args = [q, codes[0], scales[0], new[0], codes[1], scales[1], new[1], pos]
+    want = OPS["attention_i8_cache"].ref(args, {"scale": dim ** -0.5}, {})
+    func = make_decode_attention(heads, kv_heads, dim, dim ** -0.5, positions=True, int8_cache=True)
+    fn = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                     target=tvm.target.Target(cpu_target(None)))["main"]
+    out = tvm.runtime.tensor(np.zeros_like(q))
+    fn(*(tvm.runtime.tensor(a) for a in args), out)
+    np.testing.assert_allclose(out.numpy(), want, rtol=2e-5, atol=2e-6)
 
 
 def test_fast_exp_is_within_one_ulp_and_zero_below_its_range():

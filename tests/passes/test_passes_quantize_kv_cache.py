@@ -80,16 +80,12 @@ func @decode(%x: f32[1, 1, 8], %pos: i32[1], %k.0: i8[1, capacity, 1, 4], %k.0.s
   %8 = quantize_rows_i8(%4, %7) : i8[1, 1, 1, 4]  # from=attn by=quantize-kv-cache
   %9 = kv_write(%k.0, %8, %pos) : i8[1, capacity, 1, 4]  # from=attn by=quantize-kv-cache
   %10 = kv_write(%k.0.scale, %7, %pos) : f32[1, capacity, 1]  # from=attn by=quantize-kv-cache
-  %11 = dequantize_rows_i8(%9, %10) : f32[1, capacity, 1, 4]  # from=attn by=quantize-kv-cache
-  %12 = kv_write(%11, %4, %pos) : f32[1, capacity, 1, 4]  # from=attn by=quantize-kv-cache
-  %13 = row_scale_i8(%6) : f32[1, 1, 1]  # from=attn by=quantize-kv-cache
-  %14 = quantize_rows_i8(%6, %13) : i8[1, 1, 1, 4]  # from=attn by=quantize-kv-cache
-  %15 = kv_write(%v.0, %14, %pos) : i8[1, capacity, 1, 4]  # from=attn by=quantize-kv-cache
-  %16 = kv_write(%v.0.scale, %13, %pos) : f32[1, capacity, 1]  # from=attn by=quantize-kv-cache
-  %17 = dequantize_rows_i8(%15, %16) : f32[1, capacity, 1, 4]  # from=attn by=quantize-kv-cache
-  %18 = kv_write(%17, %6, %pos) : f32[1, capacity, 1, 4]  # from=attn by=quantize-kv-cache
-  %19 = attention(%2, %12, %18, %pos) {scale=0.5} : f32[1, 1, 2, 4]
-  return y=%19, k.0=%9, k.0.scale=%10, v.0=%15, v.0.scale=%16
+  %11 = row_scale_i8(%6) : f32[1, 1, 1]  # from=attn by=quantize-kv-cache
+  %12 = quantize_rows_i8(%6, %11) : i8[1, 1, 1, 4]  # from=attn by=quantize-kv-cache
+  %13 = kv_write(%v.0, %12, %pos) : i8[1, capacity, 1, 4]  # from=attn by=quantize-kv-cache
+  %14 = kv_write(%v.0.scale, %11, %pos) : f32[1, capacity, 1]  # from=attn by=quantize-kv-cache
+  %15 = attention_i8_cache(%2, %9, %10, %4, %13, %14, %6, %pos) {scale=0.5} : f32[1, 1, 2, 4]  # by=quantize-kv-cache
+  return y=%15, k.0=%9, k.0.scale=%10, v.0=%13, v.0.scale=%14
 }
 
 func @logits(%x: f32[1, seq, 8]) {
@@ -130,7 +126,7 @@ def test_golden_text_and_small_decoder_numerics():
     assert_round_trips(result.module)
     assert print_module(before) == print_module(parse_module(ir_with_meta(BEFORE), store)), "the pass changed its input"
     assert result.module.functions["logits"] == before.functions["logits"]
-    assert result.stats == {"stored": 4, "loaded": 2}
+    assert result.stats == {"stored": 4, "loaded": 2, "fused_attention": 1}
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 5, 8)).astype(np.float32)
     want, got = (run_module(m, "prefill", {"x": x}) for m in (before, result.module))
@@ -150,6 +146,31 @@ def test_golden_text_and_small_decoder_numerics():
         new = want[name][:, 5:]
         np.testing.assert_array_equal(step[name + ".scale"][:, 5:], scale_rows(new))
         np.testing.assert_array_equal(step[name][:, 5:], quantize_rows(new, scale_rows(new)))
+
+
+def test_a_written_cache_another_node_reads_is_dequantized_for_it_alone():
+    """attention reads the codes either way; a second reader of the written key cache gets it
+    dequantized whole with the step's f32 row written over its own (as attention sees it)."""
+    attend = "  %a = attention(%q, %kc, %vc, %pos) {scale=0.5} : f32[1, 1, 2, 4]\n"
+    text = BEFORE.replace(attend + "  return y=%a,", attend + "  %r = relu(%kc) : f32[1, capacity, 1, 4]\n  return y=%a, r=%r,")
+    before = parse_module(ir_with_meta(text), random_store(k__weight=(4, 8), v__weight=(4, 8)))
+    result = QuantizeKVCache().apply(before)
+    verify_module(result.module)
+    decode = result.module.functions["decode"]
+    nodes = decode.node_map()
+    assert [n.op for n in decode.nodes].count("attention_i8_cache") == 1
+    assert [n.op for n in decode.nodes].count("dequantize_rows_i8") == 1 and "attention" not in [n.op for n in decode.nodes]
+    relu = next(n for n in decode.nodes if n.op == "relu")
+    written = nodes[relu.inputs[0]]
+    assert written.op == "kv_write" and nodes[written.inputs[0]].op == "dequantize_rows_i8"
+    rng = np.random.default_rng(3)
+    codes = {name: rng.integers(-127, 128, (1, 7, 1, 4)).astype(np.int8) for name in ("k.0", "v.0")}
+    scales = {name: rng.uniform(0.01, 0.1, (1, 7, 1)).astype(np.float32) for name in ("k.0", "v.0")}
+    x1, pos = rng.standard_normal((1, 1, 8)).astype(np.float32), np.array([5], np.int32)
+    want = run_module(before, "decode", {"x": x1, "pos": pos, **{n: dequantize_rows(codes[n], scales[n]) for n in codes}})
+    got = run_module(result.module, "decode", {"x": x1, "pos": pos, **codes, **{n + ".scale": scales[n] for n in codes}})
+    np.testing.assert_allclose(got["y"], want["y"], atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(got["r"], want["r"])
 
 
 def test_int8_rows_ops_match_numpy_with_ties_half_to_even_and_zero_rows():
@@ -215,7 +236,7 @@ def test_tiny_llama_int8_cache_against_fp32_and_a_hand_computed_reference(tiny_l
     manager = PassManager(build_pipeline(SPEC))
     quantized = manager.run(module)
     verify_module(quantized)
-    assert dict(manager.stats)["quantize-kv-cache"] == {"stored": 8, "loaded": 4}  # 4 per entry point storing it
+    assert dict(manager.stats)["quantize-kv-cache"] == {"stored": 8, "loaded": 4, "fused_attention": 2}  # 4 per entry point storing it
     layers = quantized.meta["kv_cache"]["layers"]
     f32_names = [f"{r}.{i}" for i in range(layers) for r in "kv"]
     i8_names = [t.format(i=i) for i in range(layers) for t in quantized.meta["kv_cache"]["tensors"]]
@@ -257,7 +278,7 @@ def test_composes_with_weight_quantization(tiny_llama):
                                         "cse,dce")).run(load_hf_folder(tiny_llama))
     verify_module(module)
     ops = {n.op for f in module.functions.values() for n in f.nodes}
-    assert {"dequantize", "dequantize_rows_i8", "quantize_rows_i8"} <= ops
+    assert {"dequantize", "attention_i8_cache", "quantize_rows_i8"} <= ops
     names = [t.format(i=i) for i in range(2) for t in module.meta["kv_cache"]["tensors"]]
     logits, tokens, last = decode_steps(module, PROMPT, 2, names)
     assert np.isfinite(logits).all() and last["k.1"].dtype == np.int8

@@ -200,6 +200,8 @@ def test_pruned_and_factorized_variants_get_rows(mixed, tiny_llama):
     ("prune=nosuch:0.5", "'prune=nosuch:0.5'"),
     ("lowrank=svd:2", "'lowrank=svd:2'"),
     ("w8+dtype=fp8", "dtype=fp8 is not one of fp32, fp16"),
+    ("w8+kv=int4", "kv=int4 is not one of f32, int8"),
+    ("kv=int8+kv=f32", "has two kv steps"),
 ])
 def test_bad_variant_steps_are_user_errors(tiny_llama, text, tmp_path, capsys, spec, message):
     err = _fails(["eval", str(tiny_llama), "--compare", spec, "--text", str(text), "--context", str(CONTEXT),

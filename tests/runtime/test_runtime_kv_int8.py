@@ -3,15 +3,17 @@ the tiny Llama's prefill + decode against the interpreter's run of the same quan
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tvm
 
 from llmopt.codegen.build import compile_module
-from llmopt.compiler import BuildOptions, build
+from llmopt.compiler import BuildOptions, build, optimize
 from llmopt.frontend.hf_folder import load_hf_folder
 from llmopt.ir import WeightStore, cache_buffers, parse_module, run_module
-from llmopt.ir.printer import HEADER
+from llmopt.ir.printer import HEADER, print_module
 from llmopt.passes import PassManager, build_pipeline
 from llmopt.runtime import KVCache, generate, load
 from llmopt.targets import get_target
@@ -52,8 +54,41 @@ def test_compiled_int8_rows_ops_equal_the_interpreter_bit_for_bit():
 def int8_cache(tiny_llama, tmp_path_factory):
     """(the artifact built with an int8 KV cache, the quantized IR it was compiled from)."""
     out = tmp_path_factory.mktemp("kv_int8") / "artifact"
-    build(load_hf_folder(tiny_llama), out, BuildOptions(pipeline=SPEC))
-    return load(out), PassManager(build_pipeline(SPEC)).run(load_hf_folder(tiny_llama))
+    build(load_hf_folder(tiny_llama), out, BuildOptions(kv_cache="int8"))
+    return load(out), optimize(load_hf_folder(tiny_llama), BuildOptions(kv_cache="int8"))
+
+
+def test_the_pipeline_spelled_out_builds_the_same_ir(int8_cache, tiny_llama):
+    """``--kv-cache int8`` is the default pipeline with quantize-kv-cache where quantization goes."""
+    assert print_module(PassManager(build_pipeline(SPEC)).run(load_hf_folder(tiny_llama))) == print_module(int8_cache[1])
+
+
+def test_decode_attends_over_the_codes(int8_cache):
+    """No dequantized copy of the cache: decode's attentions read the codes (attention_i8_cache, the
+    CPU kernel decode_attention_i8)."""
+    model, module = int8_cache
+    ops = [n.op for n in module.functions["decode"].nodes]
+    layers = model.manifest.kv_cache.layers
+    assert ops.count("attention_i8_cache") == layers and "dequantize_rows_i8" not in ops and "attention" not in ops
+    assert (model.path / "model.ir").read_text().count("attention_i8_cache(") == layers
+
+
+def test_targets_without_an_int8_cache_kernel_lower_it_generically(int8_cache):
+    """A target with no attention kernel of its own (the GPU targets) dequantizes the cache, writes
+    the step's rows over it and attends with Relax ops: the CPU target stripped of its kernels,
+    prefill then decode against the interpreter."""
+    model, module = int8_cache
+    library = compile_module(module, dataclasses.replace(get_target("cpu"), emit_attention=None))
+    vm = tvm.relax.VirtualMachine(library.executable, tvm.cpu())
+    weights = [tvm.runtime.tensor(array) for _, array in library.stored_weights(module)]
+    names = model.manifest.kv_cache.names()
+    ids, pos = np.array([PROMPT], np.int32), np.arange(len(PROMPT), dtype=np.int32)
+    out = vm["prefill"](tvm.runtime.tensor(ids), tvm.runtime.tensor(pos), *weights)
+    past = cache_buffers({name: out[1 + i].numpy() for i, name in enumerate(names)}, len(PROMPT) + 4)
+    step = {"ids": np.array([[7]], np.int32), "pos": np.array([len(PROMPT)], np.int32)}
+    got = vm["decode"](*(tvm.runtime.tensor(a) for a in (step["ids"], step["pos"], *past.values())), *weights)
+    want = run_module(module, "decode", {**step, **past})
+    np.testing.assert_allclose(got[0].numpy(), want["logits"], atol=1e-4, rtol=0)
 
 
 def test_prefill_and_decode_match_the_interpreter_on_the_quantized_ir(int8_cache):
