@@ -77,7 +77,8 @@ def forced_logits(model, prompt: list[int], tokens: list[int]) -> tuple[np.ndarr
 
 
 def cache_bytes_per_token(cache) -> float:
-    return sum(t.numpy().nbytes for t in cache.tensors) / len(cache)
+    """Bytes of one row of every cache tensor (the buffers have room for more rows than they hold)."""
+    return sum(t.numpy().nbytes / t.shape[1] for t in cache.tensors)
 
 
 def accuracy(paths: dict[str, Path], prompts: int, prompt_tokens: int, new_tokens: int) -> dict:
