@@ -54,7 +54,7 @@ def ortgenai_steps(model_dir: str, threads: int):
 
     def prefill(ids):
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + 64, do_sample=False)
+        params.set_search_options(max_length=len(ids) + 256, do_sample=False)  # room for --decode-tokens
         generator = og.Generator(model, params)
         generator.append_tokens(ids)
         generator.generate_next_token()  # append_tokens computes the logits; this picks the token
