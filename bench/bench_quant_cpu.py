@@ -16,9 +16,10 @@ tok/s = 1 / median step time of ``--decode-tokens`` greedy steps, peak RSS, and 
 with torch. For llmopt's int4 artifact the table also gives the **memory-bandwidth bound** on
 decode: bytes one decode step must read (every stored weight; of the embedding table one row,
 unless the LM head is tied to it and reads it whole; plus the KV cache at the mean decode length)
-/ the machine's read bandwidth, measured at the start of every round per thread count (numpy sums
-over a 512 MiB array, one slice per thread); each round's decode is set against its own round's
-bound, and the median over rounds is reported (the bandwidth here drifts with other machines' load).
+/ the machine's read bandwidth, measured right before every llmopt run in a child with the same
+threads (numpy sums over a 512 MiB array, one slice per thread); each run's decode is set against
+the bound of its own measurement, and the median over rounds is reported (the bandwidth here
+drifts with other machines' load).
 Peers are optional: a missing one is named and left out. See ``bench/peers.py`` for how each is
 set up. Writes ``bench/results/cpu_quant_peers.{json,md}``.
 
@@ -161,16 +162,17 @@ def _systems(args, hf_folder: Path, folder: Path) -> list[tuple[str, str, str]]:
 
 
 def _run(args, systems, ids) -> tuple[list[dict], dict[int, list[float]]]:
-    """Every system's runs, and per thread count the read bandwidth measured at the start of each
-    round (the machine's bandwidth drifts with its neighbours' load: each round is set against its own)."""
+    """Every system's runs, and per thread count every read bandwidth measured. The bandwidth here
+    drifts with other machines' load, so each llmopt run is paired with a bandwidth measured right
+    before it, in a child with the same threads."""
     runs, bandwidth = [], {threads: [] for threads in args.threads}
     configs = [(s, t) for t in args.threads for s in systems]
     for r in range(args.rounds):
-        for threads in args.threads:
-            bandwidth[threads].append(run_child([__file__, "--bandwidth", str(threads)], threads)["bandwidth_gb_s"])
-            print(f"round {r + 1}/{args.rounds} {threads} thread(s): read bandwidth {bandwidth[threads][-1]:.1f} GB/s",
-                  flush=True)
         for (label, kind, path), threads in configs if r % 2 == 0 else reversed(configs):
+            paired = {}
+            if kind == "llmopt":
+                paired["bandwidth_gb_s"] = run_child([__file__, "--bandwidth", str(threads)], threads)["bandwidth_gb_s"]
+                bandwidth[threads].append(paired["bandwidth_gb_s"])
             child = [__file__, "--child", kind, "--path", path, "--threads", str(threads),
                      "--decode-tokens", str(args.decode_tokens), "--prompt-ids", ",".join(map(str, ids))]
             try:
@@ -178,9 +180,9 @@ def _run(args, systems, ids) -> tuple[list[dict], dict[int, list[float]]]:
             except ChildProcessError as err:
                 sys.exit(f"{label} with {threads} thread(s): {err}")
             print(f"round {r + 1}/{args.rounds} {label:>16} x{threads}: prefill {result['prefill_tok_s']:8.1f} "
-                  f"decode {result['decode_tok_s']:7.1f} tok/s  RSS {result['peak_rss_mib']:.0f} MiB", flush=True)
-            runs.append({"round": r, "system": label, "threads": threads, **result,
-                         "bandwidth_gb_s": bandwidth[threads][-1]})
+                  f"decode {result['decode_tok_s']:7.1f} tok/s  RSS {result['peak_rss_mib']:.0f} MiB"
+                  + (f"  (read bandwidth {paired['bandwidth_gb_s']:.1f} GB/s)" if paired else ""), flush=True)
+            runs.append({"round": r, "system": label, "threads": threads, **result, **paired})
     return runs, bandwidth
 
 
@@ -195,7 +197,7 @@ def _summary(runs, systems, threads_list, bandwidth, bounds) -> list[dict]:
                       for key in ("prefill_tok_s", "decode_tok_s", "peak_rss_mib", "load_s")},
                    "same_greedy_as_torch": sum(a == b for a, b in zip(mine[0]["tokens"], torch_tokens)),
                    "greedy_tokens": len(torch_tokens)}
-            if label in bounds:  # each round's decode against the bound of that round's bandwidth
+            if label in bounds:  # each run's decode against the bound of the bandwidth measured just before it
                 row["decode_bytes"] = bounds[label]
                 row["bound_tok_s"] = statistics.median(bandwidth[threads]) * 1e9 / bounds[label]
                 row["of_bound_rounds"] = [r["decode_tok_s"] * bounds[label] / (r["bandwidth_gb_s"] * 1e9) for r in mine]
@@ -222,10 +224,10 @@ def _markdown(report: dict) -> str:
                          f"{bound} | {of} | {r['peak_rss_mib']:.0f} | {r['same_greedy_as_torch']}/{r['greedy_tokens']} |")
     lines += ["", f"- {s['prompt_tokens']}-token prompt, {s['decode_tokens']} greedy decode steps, median of "
               f"{s['rounds']} interleaved rounds; decode tok/s = 1 / median step time.",
-              "- Read bandwidth (numpy sum over 512 MiB, measured at the start of every round; median, range): "
+              "- Read bandwidth (numpy sum over 512 MiB, measured right before every llmopt run; median, range): "
               + ", ".join(f"{t} thread(s) {statistics.median(b):.1f} GB/s ({min(b):.1f}-{max(b):.1f})"
                           for t, b in report["bandwidth_gb_s"].items()) + ".",
-              "- Of bound: the median over rounds of decode tok/s / the bound of that round's bandwidth; "
+              "- Of bound: the median over rounds of decode tok/s / the bound at the bandwidth measured right before; "
               "the bound column is at the median bandwidth.",
               "- Bandwidth bound = bandwidth / bytes a decode step reads (" + ", ".join(
                   f"{k}: {v / 2**20:.1f} MiB" for k, v in report["decode_bytes"].items())
