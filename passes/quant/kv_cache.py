@@ -117,7 +117,7 @@ class QuantizeKVCache(Pass):
         stored_at = {}  # value -> cache outputs it is
         for name, value in outputs.items():
             stored_at.setdefault(value, []).append(name)
-        fused, dequantized = self.fusable_attentions(func, set(stored_at)) if params else (set(), set())
+        fused, dequantized = self.fusable_attentions(func, stored_at) if params else (set(), set())
         stored, written = {}, {}  # cache output -> (codes, scales); written cache -> (codes, scales, new rows)
         for node in func.nodes:
             with b.at(source=node.source):
@@ -147,15 +147,18 @@ class QuantizeKVCache(Pass):
         return b.finish(), Counter(stored=len(stored), loaded=len(past), fused_attention=len(fused))
 
     @staticmethod
-    def fusable_attentions(func: Function, written: set[str]) -> tuple[set[str], set[str]]:
+    def fusable_attentions(func: Function, written: dict[str, list[str]]) -> tuple[set[str], set[str]]:
         """(attention nodes that become ``attention_i8_cache``, written caches still needed in f32).
 
-        An ``attention(q, k, v, pos)`` fuses when ``k`` and ``v`` are caches written at ``pos``; a
-        written cache any other node reads is dequantized as a whole for it."""
+        ``written``: the written caches (kv_write values) -> the cache outputs they are. An
+        ``attention(q, k, v, pos)`` fuses when ``k`` and ``v`` are caches written at ``pos``; a
+        written cache any other node reads, or an output other than its cache names returns, is
+        dequantized as a whole for it."""
         nodes = func.node_map()
         fused = {n.name for n in func.nodes if n.op == "attention" and len(n.inputs) == 4
                  and all(i in written and nodes[i].inputs[2] == n.inputs[3] for i in n.inputs[1:3])}
         dequantized = {i for n in func.nodes if n.name not in fused for i in n.inputs if i in written}
+        dequantized |= {value for name, value in func.outputs if value in written and name not in written[value]}
         return fused, dequantized
 
     @staticmethod

@@ -149,17 +149,19 @@ def test_golden_text_and_small_decoder_numerics():
 
 
 def test_a_written_cache_another_node_reads_is_dequantized_for_it_alone():
-    """attention reads the codes either way; a second reader of the written key cache gets it
-    dequantized whole with the step's f32 row written over its own (as attention sees it)."""
+    """attention reads the codes either way; a second reader of the written key cache, and an output
+    returning the written value cache under another name, get it dequantized whole with the step's
+    f32 row written over its own (as attention sees it)."""
     attend = "  %a = attention(%q, %kc, %vc, %pos) {scale=0.5} : f32[1, 1, 2, 4]\n"
-    text = BEFORE.replace(attend + "  return y=%a,", attend + "  %r = relu(%kc) : f32[1, capacity, 1, 4]\n  return y=%a, r=%r,")
+    text = BEFORE.replace(attend + "  return y=%a,",
+                          attend + "  %r = relu(%kc) : f32[1, capacity, 1, 4]\n  return y=%a, r=%r, vf=%vc,")
     before = parse_module(ir_with_meta(text), random_store(k__weight=(4, 8), v__weight=(4, 8)))
     result = QuantizeKVCache().apply(before)
     verify_module(result.module)
     decode = result.module.functions["decode"]
     nodes = decode.node_map()
     assert [n.op for n in decode.nodes].count("attention_i8_cache") == 1
-    assert [n.op for n in decode.nodes].count("dequantize_rows_i8") == 1 and "attention" not in [n.op for n in decode.nodes]
+    assert [n.op for n in decode.nodes].count("dequantize_rows_i8") == 2 and "attention" not in [n.op for n in decode.nodes]
     relu = next(n for n in decode.nodes if n.op == "relu")
     written = nodes[relu.inputs[0]]
     assert written.op == "kv_write" and nodes[written.inputs[0]].op == "dequantize_rows_i8"
@@ -171,6 +173,7 @@ def test_a_written_cache_another_node_reads_is_dequantized_for_it_alone():
     got = run_module(result.module, "decode", {"x": x1, "pos": pos, **codes, **{n + ".scale": scales[n] for n in codes}})
     np.testing.assert_allclose(got["y"], want["y"], atol=1e-6, rtol=0)
     np.testing.assert_array_equal(got["r"], want["r"])
+    np.testing.assert_array_equal(got["vf"], want["vf"])  # returned under another name: dequantized too
 
 
 def test_int8_rows_ops_match_numpy_with_ties_half_to_even_and_zero_rows():
