@@ -98,18 +98,30 @@ def quantize_rows_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(np.round(x / scale), -127, 127).astype(np.int8), scale
 
 
-def _infer_linear_w8a8(types, attrs):
-    x, packed, scales = types[:3]
+def _static_f32_features(op: str, x: TensorType) -> int:
+    """K of an int8-activation linear's f32 input ``x[..., K]``; an OpError unless it is static."""
     k = x.shape[-1]
     if x.dtype != "f32" or not isinstance(k, int):
-        raise OpError(f"linear_w8a8: x must be f32 with a static last dim, got {x}")
+        raise OpError(f"{op}: x must be f32 with a static last dim, got {x}")
+    return k
+
+
+def _infer_packed_linear(op: str, types, codes_width: int, scales_width: int, what: str) -> TensorType:
+    """The output type of an int8-activation linear ``op(x, codes u32[N, codes_width], scales
+    f32[N, scales_width][, bias f32[N]])``; ``what`` names the weights in the error."""
+    x, packed = types[:2]
     n = packed.shape[0] if packed.rank == 2 else None
-    expected = [TensorType("u32", (n, -(-k // 4))), TensorType("f32", (n, 1))]
+    expected = [TensorType("u32", (n, codes_width)), TensorType("f32", (n, scales_width))]
     expected += [TensorType("f32", (n,))] * (len(types) - 3)
     if n is None or list(types[1:]) != expected:
-        raise OpError(f"linear_w8a8 (K={k}): expected codes, scales[, bias] {', '.join(map(str, expected))}; "
+        raise OpError(f"{op} ({what}): expected codes, scales[, bias] {', '.join(map(str, expected))}; "
                       f"got {', '.join(map(str, types[1:]))}")
     return x.with_shape(x.shape[:-1] + (n,))
+
+
+def _infer_linear_w8a8(types, attrs):
+    k = _static_f32_features("linear_w8a8", types[0])
+    return _infer_packed_linear("linear_w8a8", types, -(-k // 4), 1, f"K={k}")
 
 
 def _linear_w8a8_ref(args, attrs, env):
@@ -180,18 +192,10 @@ def linear_w4a8_reference(x: np.ndarray, packed: np.ndarray, scales: np.ndarray,
 
 
 def _infer_linear_w4a8(types, attrs):
-    x, packed, scales = types[:3]
-    k = x.shape[-1]
-    if x.dtype != "f32" or not isinstance(k, int):
-        raise OpError(f"linear_w4a8: x must be f32 with a static last dim, got {x}")
+    k = _static_f32_features("linear_w4a8", types[0])
     scheme = w4a8_scheme(attrs["scheme"], k)
-    n = packed.shape[0] if packed.rank == 2 else None
-    expected = [TensorType("u32", (n, scheme.packed_width(k))), TensorType("f32", (n, scheme.groups(k)))]
-    expected += [TensorType("f32", (n,))] * (len(types) - 3)
-    if n is None or list(types[1:]) != expected:
-        raise OpError(f"linear_w4a8 ({scheme.name}, K={k}): expected codes, scales[, bias] "
-                      f"{', '.join(map(str, expected))}; got {', '.join(map(str, types[1:]))}")
-    return x.with_shape(x.shape[:-1] + (n,))
+    return _infer_packed_linear("linear_w4a8", types, scheme.packed_width(k), scheme.groups(k),
+                                f"{scheme.name}, K={k}")
 
 
 def _linear_w4a8_ref(args, attrs, env):
