@@ -36,6 +36,7 @@ from typing import Callable
 
 import numpy as np
 
+from .compiler import ACTIVATIONS, KV_CACHES
 from .errors import LLMOptError
 from .runtime.perplexity import Perplexity, log_softmax, perplexity
 
@@ -86,8 +87,6 @@ def parse_specs(text: str) -> list[str]:
 STEPS = ("prune", "lowrank", "quant", "dtype", "act", "kv")
 FIELDS = {"act": "activations", "kv": "kv_cache"}  # steps named other than their build option
 DTYPES = ("fp32", "fp16")
-ACTIVATIONS = ("f32", "int8")
-KV_CACHES = ("f32", "int8")
 
 
 @dataclass(frozen=True)
